@@ -1,0 +1,670 @@
+"""The stateful GradNorm balancer: weights, ``L(0)``, the weight optimizer and the update.
+
+Plain PyTorch, no Lightning. The Lightning callback is a thin wrapper around this class and
+the benchmarks use it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gradnorm_lightning import functional as F
+from gradnorm_lightning._checks import (
+    DISTRIBUTED_MODES,
+    MODES,
+    OPTIMIZERS,
+    _check_alpha,
+    _check_betas,
+    _check_choice,
+    _check_initial_losses,
+    _check_positive,
+    _check_shared_layer,
+    _check_task_names,
+)
+from gradnorm_lightning._stats import (
+    _Capture,
+    _linear_rows,
+    _Pending,
+    _vjp_param_grads,
+)
+
+__all__ = ["GradNorm", "LossesLike"]
+
+LossesLike = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+
+_STATE_TENSORS = (
+    "weights",
+    "initial_loss_sum",
+    "initial_loss_count",
+    "exp_avg",
+    "exp_avg_sq",
+    "adam_steps",
+    "num_updates",
+    "skipped",
+    "skipped_updates",
+)
+
+
+class _StepRecord:
+    """What :meth:`GradNorm.combine` leaves for the backward hooks of the same step."""
+
+    __slots__ = ("capture", "losses", "present", "scale", "values", "views", "weights")
+
+    def __init__(
+        self,
+        losses: list[Tensor | None],
+        values: Tensor,
+        present: Tensor,
+        weights: Tensor,
+        capture: _Capture | None,
+        views: tuple[Tensor, tuple[Tensor, ...]] | None,
+    ) -> None:
+        self.losses = losses
+        self.values = values
+        self.present = present
+        self.weights = weights
+        self.capture = capture
+        self.views = views
+        self.scale: Tensor | None = None
+
+
+class GradNorm:
+    """GradNorm loss balancing (Chen et al., ICML 2018) for a plain PyTorch training loop.
+
+    Keeps one weight per task, starting at 1 and summing to ``T``. :meth:`combine` returns
+    the model loss ``sum_i w_i L_i``; during its backward the balancer records what the
+    update needs (the per-task gradients at the last shared layer); :meth:`step` then moves
+    the weights along the analytic gradient of the GradNorm loss
+    ``sum_i |w_i n_i - mean(w n) r_i ** alpha|`` and renormalises them. The model's own
+    gradients are exactly those of ``sum_i w_i L_i``: nothing of the GradNorm loss reaches
+    them.
+
+    Args:
+        shared_layer: the last layer shared by all tasks; the norms run over the
+            concatenation of all its trainable parameters.
+        num_tasks: number of tasks ``T`` (tasks are then named ``task0``, ``task1``, ...).
+        task_names: the task names, in the order of the weights; alternative to
+            ``num_tasks``. With neither, the names are taken from the first dict of losses.
+        alpha: asymmetry: how strongly tasks that train slower are pushed (``>= 0``).
+        lr: learning rate of the weight optimizer.
+        optimizer: ``"sgd"`` (the paper) or ``"adam"``.
+        initial_losses: ``L(0)``. ``None`` uses the mean of the losses of the first
+            ``initial_loss_steps`` steps in which each task is present; a number, a sequence
+            in task order or a mapping by task name fixes them (e.g. ``ln 2`` for binary
+            cross-entropy). Tasks a mapping leaves out use the measured rule.
+        initial_loss_steps: how many steps ``L(0)`` averages when measured.
+        betas: Adam's coefficients.
+        eps: Adam's epsilon.
+        lr_decay_rate: exponential learning-rate decay, ``lr * rate ** (updates / steps)``
+            (Keras' ``ExponentialDecay``); ``1.0`` means constant.
+        lr_decay_steps: the ``steps`` of the decay.
+        lr_staircase: decay in whole ``steps`` only (``floor(updates / steps)``).
+        min_weight: floor applied to the weights before renormalisation (``> 0``).
+        mode: ``"auto"`` (the paper's norms over the shared layer's parameters, by the
+            fastest exact method), ``"autograd"`` (the same norms by one ``autograd.grad``
+            per task over the parameters: slower, for layers the fast path cannot handle),
+            or ``"representation"`` (norms of the per-task gradients at the shared
+            representation: an approximation of the paper's, cheapest).
+        distributed: under ``torch.distributed`` with more than one process, ``"exact"``
+            all-reduces the per-task gradients of the shared layer (``T x |W|`` floats),
+            so the weights are those of the global batch; ``"approx"`` all-reduces only the
+            local norms and losses (``3T`` floats) and uses the mean of the local norms.
+
+    Raises:
+        TypeError: for arguments of the wrong type.
+        ValueError: for out-of-range arguments, fewer than two tasks, or a shared layer
+            with no trainable parameters.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from gradnorm_lightning import GradNorm
+        >>> _ = torch.manual_seed(0)
+        >>> trunk = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+        >>> heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(3)])
+        >>> gn = GradNorm(shared_layer=trunk[2], num_tasks=3, alpha=1.5, lr=0.025)
+        >>> opt = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1)
+        >>> x, y = torch.randn(16, 4), torch.randn(16, 3)
+        >>> for _ in range(5):
+        ...     z = trunk(x)
+        ...     losses = [nn.functional.mse_loss(h(z).squeeze(1), y[:, i]) for i, h in enumerate(heads)]
+        ...     opt.zero_grad()
+        ...     loss = gn.combine(losses)
+        ...     loss.backward()
+        ...     gn.step()
+        ...     opt.step()
+        >>> float(gn.weights.sum())
+        3.0
+    """
+
+    def __init__(
+        self,
+        shared_layer: nn.Module,
+        num_tasks: int | None = None,
+        *,
+        task_names: Sequence[str] | None = None,
+        alpha: float = 1.5,
+        lr: float = 0.025,
+        optimizer: str = "sgd",
+        initial_losses: float | Sequence[float] | Mapping[str, float] | None = None,
+        initial_loss_steps: int = 1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        lr_decay_rate: float = 1.0,
+        lr_decay_steps: int = 1,
+        lr_staircase: bool = False,
+        min_weight: float = 1e-4,
+        mode: str = "auto",
+        distributed: str = "exact",
+    ) -> None:
+        self.shared_layer = _check_shared_layer(shared_layer)
+        self.alpha = _check_alpha(alpha)
+        self.lr = float(_check_positive("lr", lr))
+        self.optimizer = _check_choice("optimizer", optimizer, OPTIMIZERS)
+        self.initial_losses = _check_initial_losses(initial_losses)
+        self.initial_loss_steps = int(_check_positive("initial_loss_steps", initial_loss_steps, integer=True))
+        self.betas = _check_betas(betas)
+        self.eps = float(_check_positive("eps", eps))
+        self.lr_decay_rate = float(_check_positive("lr_decay_rate", lr_decay_rate))
+        self.lr_decay_steps = int(_check_positive("lr_decay_steps", lr_decay_steps, integer=True))
+        self.lr_staircase = bool(lr_staircase)
+        self.min_weight = float(_check_positive("min_weight", min_weight))
+        self.mode = _check_choice("mode", mode, MODES)
+        self.distributed = _check_choice("distributed", distributed, DISTRIBUTED_MODES)
+
+        params = [p for p in shared_layer.parameters() if p.requires_grad]
+        self._params = params
+        self.dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        self.device = params[0].device
+
+        names: tuple[str, ...] | None = None
+        if task_names is not None:
+            names = _check_task_names(task_names)
+            if num_tasks is not None and num_tasks != len(names):
+                raise ValueError(
+                    f"`num_tasks` ({num_tasks}) does not match `task_names` ({len(names)} names)."
+                )
+        elif num_tasks is not None:
+            _check_positive("num_tasks", num_tasks, integer=True)
+            names = _check_task_names([f"task{i}" for i in range(num_tasks)])
+        if isinstance(self.initial_losses, tuple) and names is not None and len(self.initial_losses) != len(names):
+            raise ValueError(
+                f"`initial_losses` has {len(self.initial_losses)} values for {len(names)} tasks."
+            )
+
+        self._task_names: tuple[str, ...] | None = None
+        self._captures: list[_Capture] = []
+        self._views: tuple[Tensor, tuple[Tensor, ...]] | None = None
+        self._record: _StepRecord | None = None
+        self._pending: _Pending | None = None
+        self.steps = 0
+        self.last_stats: dict[str, Tensor] = {}
+        self._hook = shared_layer.register_forward_hook(self._capture_forward)
+        if names is not None:
+            self._init_tasks(names)
+
+    # ------------------------------------------------------------------ tasks and state
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """The task names, in the order of :attr:`weights`."""
+        if self._task_names is None:
+            raise RuntimeError(
+                "The task names are not known yet: pass `task_names=`/`num_tasks=` or call `combine` first."
+            )
+        return self._task_names
+
+    @property
+    def num_tasks(self) -> int:
+        """The number of tasks ``T``."""
+        return len(self.task_names)
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the task names (and so the state tensors) are known."""
+        return self._task_names is not None
+
+    def _init_tasks(self, names: tuple[str, ...]) -> None:
+        num_tasks = len(names)
+        fixed = torch.zeros(num_tasks, dtype=self.dtype)
+        fixed_mask = torch.zeros(num_tasks, dtype=torch.bool)
+        init = self.initial_losses
+        if isinstance(init, float):
+            fixed.fill_(init)
+            fixed_mask.fill_(True)
+        elif isinstance(init, tuple):
+            if len(init) != num_tasks:
+                raise ValueError(f"`initial_losses` has {len(init)} values for {num_tasks} tasks {names!r}.")
+            fixed = torch.tensor(init, dtype=self.dtype)
+            fixed_mask.fill_(True)
+        elif isinstance(init, dict):
+            unknown = sorted(set(init) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"`initial_losses` names tasks the model does not have: {unknown}; the tasks are {list(names)}."
+                )
+            for i, name in enumerate(names):
+                if name in init:
+                    fixed[i] = init[name]
+                    fixed_mask[i] = True
+        self._task_names = names
+        dev = self.device
+        zeros = torch.zeros(num_tasks, dtype=self.dtype, device=dev)
+        self.weights = torch.ones(num_tasks, dtype=self.dtype, device=dev)
+        self.initial_loss_sum = zeros.clone()
+        self.initial_loss_count = zeros.clone()
+        self.exp_avg = zeros.clone()
+        self.exp_avg_sq = zeros.clone()
+        self.adam_steps = zeros.clone()
+        self.num_updates = torch.zeros((), dtype=self.dtype, device=dev)
+        self.skipped = zeros.clone()
+        self.skipped_updates = torch.zeros((), dtype=self.dtype, device=dev)
+        self._fixed_initial = fixed.to(dev)
+        self._fixed_mask = fixed_mask.to(dev)
+
+    def to(self, device: torch.device | str) -> GradNorm:
+        """Move the state to ``device`` (the balancer also follows the losses by itself)."""
+        device = torch.device(device)
+        self.device = device
+        if self._task_names is not None:
+            for name in (*_STATE_TENSORS, "_fixed_initial", "_fixed_mask"):
+                setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @property
+    def current_initial_losses(self) -> Tensor:
+        """``L(0)`` as used by the update (0 for a task not yet measured)."""
+        measured = self.initial_loss_sum / self.initial_loss_count.clamp_min(1)
+        return torch.where(self._fixed_mask, self._fixed_initial, measured)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the weight trajectory exactly."""
+        state: dict[str, Any] = {"task_names": list(self.task_names) if self.initialized else None, "steps": self.steps}
+        if self.initialized:
+            for name in _STATE_TENSORS:
+                state[name] = getattr(self, name).detach().clone()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Raises:
+            ValueError: if the checkpoint's tasks differ from this balancer's.
+        """
+        names = state.get("task_names")
+        if names is None:
+            self.steps = int(state.get("steps", 0))
+            return
+        names = tuple(names)
+        if self._task_names is None:
+            self._init_tasks(_check_task_names(names))
+        elif names != self._task_names:
+            raise ValueError(
+                f"The checkpoint's GradNorm tasks {list(names)} differ from this model's "
+                f"{list(self._task_names)}; resume with the same tasks in the same order."
+            )
+        for name in _STATE_TENSORS:
+            cur = getattr(self, name)
+            setattr(self, name, state[name].to(device=cur.device, dtype=cur.dtype).clone())
+        self.steps = int(state["steps"])
+
+    def remove_hooks(self) -> None:
+        """Detach the balancer from the shared layer (its forward hook)."""
+        self._hook.remove()
+
+    # ------------------------------------------------------------------ forward side
+    def _capture_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
+            self._captures.append(_Capture(tuple(i for i in inputs if isinstance(i, Tensor)), output))
+
+    def task_views(self, z: Tensor) -> tuple[Tensor, ...]:
+        """One alias of the shared representation ``z`` per task, in task order.
+
+        When head ``i`` reads only the ``i``-th view, the per-task gradients at ``z`` are
+        captured during the model's own backward: no extra pass through the heads. ``z`` is
+        the shared layer's output or anything computed from it by shared, parameter-free
+        operations (an activation, a reshape).
+
+        Args:
+            z: the shared representation.
+
+        Returns:
+            ``T`` views of ``z`` (plain views when gradients are off, e.g. in validation).
+        """
+        views = tuple(z.view_as(z) for _ in range(self.num_tasks))
+        if torch.is_grad_enabled() and z.requires_grad:
+            self._views = (z, views)
+        return views
+
+    def _normalize_losses(self, losses: LossesLike) -> list[Tensor | None]:
+        if isinstance(losses, Mapping):
+            if self._task_names is None:
+                self._init_tasks(_check_task_names(list(losses)))
+            unknown = [k for k in losses if k not in self.task_names]
+            if unknown:
+                raise ValueError(
+                    f"Unknown task(s) {unknown}: the tasks are {list(self.task_names)}. Declare every "
+                    "task up front (`task_names=`; the mixin's `task_names`) if some are absent at the first step."
+                )
+            items: list[Tensor | None] = [losses.get(n) for n in self.task_names]
+        elif isinstance(losses, Tensor):
+            if losses.dim() != 1:
+                raise ValueError(
+                    f"`losses` as a tensor must be 1-D with one loss per task; got shape {tuple(losses.shape)}."
+                )
+            if self._task_names is None:
+                self._init_tasks(_check_task_names([f"task{i}" for i in range(losses.numel())]))
+            items = list(losses.unbind())
+        elif isinstance(losses, Sequence) and not isinstance(losses, str):
+            if self._task_names is None:
+                self._init_tasks(_check_task_names([f"task{i}" for i in range(len(losses))]))
+            items = list(losses)
+        else:
+            raise TypeError(
+                f"`losses` must be a 1-D tensor, a sequence of 0-dim tensors or a dict; got {type(losses).__name__}."
+            )
+        if len(items) != self.num_tasks:
+            raise ValueError(f"Expected {self.num_tasks} losses (tasks {list(self.task_names)}); got {len(items)}.")
+        for name, loss in zip(self.task_names, items):
+            if loss is None:
+                continue
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"The loss of task {name!r} must be a tensor; got {type(loss).__name__}.")
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"The loss of task {name!r} must be a scalar (reduce it, e.g. `.mean()`); "
+                    f"got shape {tuple(loss.shape)}."
+                )
+            if not loss.is_floating_point():
+                raise TypeError(f"The loss of task {name!r} must be floating point; got {loss.dtype}.")
+        if all(loss is None for loss in items):
+            raise ValueError(f"No task loss given; the tasks are {list(self.task_names)}.")
+        return items
+
+    def combine(self, losses: LossesLike) -> Tensor:
+        """The model loss ``sum_i w_i L_i`` with the current weights.
+
+        A task that is missing (absent from the dict, or ``None``) or whose loss is not
+        finite is left out of the sum and out of this step's update; its weight is kept.
+        When gradients are enabled, the returned tensor carries a hook that records, during
+        its backward, what :meth:`step` needs.
+
+        Args:
+            losses: a 1-D tensor of ``T`` losses, a sequence of ``T`` scalar tensors (``None``
+                for a missing task) or a mapping from task name to scalar tensor.
+
+        Returns:
+            The combined loss, a 0-dim tensor.
+
+        Raises:
+            TypeError: losses that are not floating-point tensors.
+            ValueError: non-scalar losses, a wrong number of losses, unknown task names.
+        """
+        items = self._normalize_losses(losses)
+        ref = next(loss for loss in items if loss is not None)
+        if self.weights.device != ref.device:
+            self.to(ref.device)
+        known = [loss is not None for loss in items]
+        values = torch.stack([
+            loss.reshape(()) if loss is not None else ref.new_zeros(()) for loss in items
+        ])
+        present = torch.isfinite(values)
+        if not all(known):
+            present = present & torch.tensor(known, device=values.device)
+        safe = torch.where(present, values, torch.zeros_like(values))
+        weights = self.weights.detach().clone()
+        combined = (weights.to(safe.dtype) * safe).sum()
+
+        captures, self._captures = self._captures, []
+        views, self._views = self._views, None
+        if not (torch.is_grad_enabled() and combined.requires_grad):
+            return combined
+        capture = captures[0] if len(captures) == 1 else None
+        if self.mode != "autograd" and not captures:
+            raise ValueError(
+                f"The shared layer ({type(self.shared_layer).__name__}) was not called in the forward pass "
+                "that produced these losses; `shared_layer` must be the last layer shared by all tasks."
+            )
+        if views is not None and (capture is None or self.mode == "autograd"):
+            views = None  # per-task backward passes below; the views act as plain aliases
+        record = _StepRecord(items, values.detach(), present, weights, capture, views)
+        self._record = record
+        combined.register_hook(lambda grad: self._on_backward(record, grad))
+        if views is not None:
+            torch.autograd.graph.register_multi_grad_hook(
+                views[1], lambda grads: self._on_views_backward(record, grads)
+            )
+        return combined
+
+    # ------------------------------------------------------------------ backward side
+    def _pending_for(self, record: _StepRecord) -> _Pending:
+        if self._pending is None:
+            n = self.num_tasks
+            zeros = torch.zeros(n, dtype=self.dtype, device=record.values.device)
+            self._pending = _Pending(zeros, zeros.clone(), torch.zeros(n, dtype=torch.bool, device=zeros.device))
+        return self._pending
+
+    def _on_backward(self, record: _StepRecord, scale: Tensor) -> None:
+        """Hook on the combined loss: runs first in its backward, while the graph is alive."""
+        scale = scale.detach().reshape(()).to(self.dtype)
+        record.scale = scale
+        pending = self._pending_for(record)
+        present = record.present
+        pending.loss_sum += torch.where(present, scale * record.values.to(self.dtype), 0.0)
+        pending.loss_weight += torch.where(present, scale, 0.0)
+        pending.present |= present
+        pending.backwards += 1
+        if record.views is not None:
+            return  # the views' hook delivers the per-task gradients
+        if self.mode == "autograd" or record.capture is None:
+            pending.add_param_grads(self._autograd_param_grads(record, scale))
+            return
+        z = record.capture.output
+        grads = []
+        for name, loss in zip(self.task_names, record.losses):
+            if loss is None:
+                grads.append(torch.zeros(z.shape, dtype=self.dtype, device=z.device))
+                continue
+            (g,) = torch.autograd.grad(
+                loss, z, grad_outputs=scale.to(loss.dtype), retain_graph=True, allow_unused=True
+            )
+            if g is None:
+                raise ValueError(self._unreached_message(name))
+            grads.append(g.to(self.dtype))
+        self._add_output_grads(pending, record, torch.stack(grads), z)
+
+    def _on_views_backward(self, record: _StepRecord, grads: Sequence[Tensor | None]) -> None:
+        """Multi-grad hook on the task views: the per-task gradients of this very backward."""
+        if self._pending is None or record.scale is None or record.capture is None:
+            return
+        base = record.views[0] if record.views is not None else None
+        assert base is not None  # set together with the hook
+        weights = record.weights.to(self.dtype)
+        stacked = []
+        for i, (name, g) in enumerate(zip(self.task_names, grads)):
+            if g is None:
+                if record.losses[i] is not None:
+                    raise ValueError(
+                        f"Task {name!r} has a loss but did not read its view from `task_views`; "
+                        "each head must read its own view."
+                    )
+                stacked.append(torch.zeros(base.shape, dtype=self.dtype, device=base.device))
+            else:
+                stacked.append(g.to(self.dtype) / weights[i])
+        rep_grads = torch.stack(stacked)
+        if self.mode == "representation":
+            self._add_output_grads(self._pending, record, rep_grads, base)
+            return
+        z = record.capture.output
+        if base is not z:
+            (rep_grads,) = torch.autograd.grad(
+                base, z, grad_outputs=rep_grads.to(base.dtype), retain_graph=True, is_grads_batched=True
+            )
+            rep_grads = rep_grads.to(self.dtype)
+        self._add_output_grads(self._pending, record, rep_grads, z)
+
+    def _add_output_grads(self, pending: _Pending, record: _StepRecord, grads: Tensor, z: Tensor) -> None:
+        """Accumulate the statistics of per-task gradients ``(T, *z.shape)`` at ``z``."""
+        mask = record.present.reshape(-1, *([1] * (grads.dim() - 1)))
+        grads = torch.where(mask, grads, torch.zeros((), dtype=grads.dtype, device=grads.device))
+        if self.mode == "representation":
+            pending.add_rep_sq_norms(grads.flatten(1).pow(2).sum(dim=1))
+        elif isinstance(self.shared_layer, nn.Linear) and record.capture is not None and record.capture.inputs:
+            rows = _linear_rows(self.shared_layer, record.capture.inputs[0], self.dtype)
+            pending.linear.append((rows, grads.reshape(grads.shape[0], -1, grads.shape[-1])))
+        else:
+            pending.add_param_grads(_vjp_param_grads(z, self._params, grads))
+
+    def _autograd_param_grads(self, record: _StepRecord, scale: Tensor) -> Tensor:
+        rows = []
+        size = sum(p.numel() for p in self._params)
+        for name, loss, ok in zip(self.task_names, record.losses, record.present.unbind()):
+            if loss is None:
+                rows.append(torch.zeros(size, dtype=self.dtype, device=scale.device))
+                continue
+            outs = torch.autograd.grad(
+                loss, self._params, grad_outputs=scale.to(loss.dtype), retain_graph=True, allow_unused=True
+            )
+            if all(g is None for g in outs):
+                raise ValueError(self._unreached_message(name))
+            flat = torch.cat([
+                torch.zeros(p.numel(), dtype=self.dtype, device=scale.device) if g is None
+                else g.reshape(-1).to(self.dtype)
+                for g, p in zip(outs, self._params)
+            ])
+            rows.append(torch.where(ok, flat, 0.0))
+        return torch.stack(rows)
+
+    def _unreached_message(self, name: str) -> str:
+        return (
+            f"The loss of task {name!r} does not depend on the shared layer "
+            f"({type(self.shared_layer).__name__}); every task must be computed from the last shared layer."
+        )
+
+    # ------------------------------------------------------------------ the update
+    def _reduced_statistics(self, pending: _Pending) -> tuple[Tensor, Tensor, Tensor]:
+        """``(squared norms, loss sums, loss weights, present)`` over all processes."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world == 1:
+            return pending.local_sq_norms(), pending.loss_sum, pending.loss_weight
+        n = self.num_tasks
+        if self.distributed == "exact":
+            grads = pending.local_param_grads()
+            # representation mode: the rows of different ranks are disjoint, add squared norms
+            stat = pending.local_sq_norms() if grads is None else grads.flatten()
+            buf = torch.cat([stat, pending.loss_sum, pending.loss_weight])
+            dist.all_reduce(buf)
+            if grads is None:
+                sq = buf[:n] / world**2
+            else:
+                sq = (buf[: grads.numel()].reshape(n, -1) / world).pow(2).sum(dim=1)
+            return sq, buf[-2 * n : -n], buf[-n:]
+        buf = torch.cat([pending.local_sq_norms().sqrt(), pending.loss_sum, pending.loss_weight])
+        dist.all_reduce(buf)
+        return (buf[:n] / world).pow(2), buf[n : 2 * n], buf[2 * n :]
+
+    def current_lr(self) -> Tensor:
+        """The weight optimizer's learning rate for the next update (a 0-dim tensor)."""
+        exponent = self.num_updates / self.lr_decay_steps
+        if self.lr_staircase:
+            exponent = torch.floor(exponent)
+        return self.lr * torch.pow(torch.tensor(self.lr_decay_rate, dtype=self.dtype, device=exponent.device), exponent)
+
+    @torch.no_grad()
+    def step(self, grad_scale: Tensor | float | None = None, found_inf: Tensor | None = None) -> None:
+        """Update the weights from what the backward passes since the last step recorded.
+
+        Call it after the model's backward (after all backward passes of an accumulation
+        window), before or after the model's optimizer step. Without a recorded backward it
+        does nothing. Runs on the weights' device without reading any value on the host.
+
+        Args:
+            grad_scale: the factor the recorded backward passes were scaled by beyond the
+                combined loss (the GradScaler's scale under fp16 AMP); ``None`` means 1.
+            found_inf: a tensor that is non-zero when the model's step is skipped (e.g. the
+                GradScaler found inf/NaN gradients); the weight update is then skipped too.
+        """
+        pending, self._pending = self._pending, None
+        self._record = None
+        if pending is None:
+            return
+        self.steps += 1
+        sq_norms, loss_sum, loss_weight = self._reduced_statistics(pending)
+        present = loss_weight > 0
+        losses = loss_sum / torch.where(present, loss_weight, torch.ones_like(loss_weight))
+        if grad_scale is not None:
+            if isinstance(grad_scale, Tensor):
+                grad_scale = grad_scale.to(device=sq_norms.device, dtype=self.dtype)
+            sq_norms = sq_norms / (grad_scale * grad_scale)
+        norms = sq_norms.sqrt()
+
+        # L(0): measured over the first `initial_loss_steps` present steps, or fixed.
+        collecting = present & (self.initial_loss_count < self.initial_loss_steps)
+        init_count = self.initial_loss_count + collecting.to(self.dtype)
+        init_sum = self.initial_loss_sum + torch.where(collecting, losses, 0.0)
+        measured = init_sum / init_count.clamp_min(1)
+        initial = torch.where(self._fixed_mask, self._fixed_initial, measured)
+
+        weights = self.weights
+        grad, gradnorm_loss, ratios, rates = F.gradnorm_weight_grad(
+            weights, norms, losses, initial, self.alpha, present
+        )
+        lr = self.current_lr()
+        if self.optimizer == "adam":
+            direction, exp_avg, exp_avg_sq, adam_steps = F.adam_update(
+                grad, self.exp_avg, self.exp_avg_sq, self.adam_steps, self.betas, self.eps
+            )
+        else:
+            direction, exp_avg, exp_avg_sq, adam_steps = grad, self.exp_avg, self.exp_avg_sq, self.adam_steps
+        new_weights = F.renormalize_weights(weights - lr * direction, weights, present, self.min_weight)
+
+        finite = torch.isfinite(norms) & torch.isfinite(rates) & torch.isfinite(new_weights)
+        finite = finite & (initial > 0)
+        ok = present.any() & (finite | ~present).all()
+        if found_inf is not None:
+            ok = ok & (found_inf.to(ok.device) == 0).reshape(())
+        upd = ok & present  # per task: the tasks whose state moves this step
+
+        self.weights = torch.where(ok, new_weights, weights)
+        self.exp_avg = torch.where(upd, exp_avg, self.exp_avg)
+        self.exp_avg_sq = torch.where(upd, exp_avg_sq, self.exp_avg_sq)
+        self.adam_steps = torch.where(upd, adam_steps, self.adam_steps)
+        self.initial_loss_sum = torch.where(ok, init_sum, self.initial_loss_sum)
+        self.initial_loss_count = torch.where(ok, init_count, self.initial_loss_count)
+        self.num_updates = self.num_updates + ok.to(self.dtype)
+        self.skipped = self.skipped + (~present).to(self.dtype)
+        self.skipped_updates = self.skipped_updates + (~ok).to(self.dtype)
+        self.last_stats = {
+            "weights": self.weights,
+            "grad_norms": norms,
+            "loss_ratios": ratios,
+            "inverse_rates": rates,
+            "loss": gradnorm_loss,
+            "skipped": self.skipped,
+            "present": present,
+            "applied": ok,
+        }
+
+    def __repr__(self) -> str:
+        names = list(self._task_names) if self._task_names is not None else "?"
+        return (
+            f"GradNorm(tasks={names}, alpha={self.alpha}, lr={self.lr}, optimizer={self.optimizer!r}, "
+            f"mode={self.mode!r})"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_hook", "_captures", "_views", "_record", "_pending"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._captures, self._views, self._record, self._pending = [], None, None, None
+        self._hook = self.shared_layer.register_forward_hook(self._capture_forward)
+

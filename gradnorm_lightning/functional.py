@@ -1,0 +1,201 @@
+"""The GradNorm math on tensors: no state, no Lightning, no host synchronisation.
+
+Everything here follows Algorithm 1 of Chen et al., *GradNorm: Gradient Normalization for
+Adaptive Loss Balancing in Deep Multitask Networks* (ICML 2018). With ``T`` tasks, losses
+``L_i(t)``, initial losses ``L_i(0)``, weights ``w_i`` and ``n_i = ||grad_W L_i||_2``
+(``W`` the parameters of the last shared layer):
+
+* ``G_i = w_i * n_i`` and ``G_bar = mean_i G_i``;
+* ``r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0))`` (the inverse training rate);
+* ``target_i = G_bar * r_i ** alpha``, held constant;
+* ``L_grad = sum_i |G_i - target_i|`` and ``dL_grad / dw_i = sign(G_i - target_i) * n_i``.
+
+Every function accepts an optional boolean ``present`` mask: tasks outside it take no part
+(their loss was missing or non-finite on that step), so means run over the present tasks
+only and their gradient is zero. All decisions are made with :func:`torch.where`, so the
+functions never read a tensor value on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "adam_update",
+    "gradnorm_weight_grad",
+    "inverse_training_rates",
+    "renormalize_weights",
+]
+
+
+def _present_or_all(x: Tensor, present: Tensor | None) -> Tensor:
+    if present is None:
+        return torch.ones_like(x, dtype=torch.bool)
+    return present
+
+
+def _masked_mean(x: Tensor, present: Tensor) -> Tensor:
+    count = present.sum().clamp_min(1).to(x.dtype)
+    return torch.where(present, x, torch.zeros_like(x)).sum() / count
+
+
+def inverse_training_rates(
+    losses: Tensor, initial_losses: Tensor, present: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Loss ratios ``L_i / L_i(0)`` and inverse training rates ``r_i``.
+
+    Args:
+        losses: 1-D tensor of the current task losses ``L_i(t)``.
+        initial_losses: 1-D tensor of ``L_i(0)``, same shape.
+        present: optional boolean mask of the tasks that take part; the mean in the
+            denominator of ``r_i`` runs over these only.
+
+    Returns:
+        ``(loss_ratios, inverse_rates)``, both shaped like ``losses``. Entries of absent
+        tasks are computed but meaningless.
+
+    Example::
+
+        >>> ratios, rates = inverse_training_rates(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]))
+        >>> ratios
+        tensor([0.5000, 1.5000])
+        >>> rates
+        tensor([0.5000, 1.5000])
+    """
+    present = _present_or_all(losses, present)
+    ratios = losses / initial_losses
+    # Absent tasks may hold NaN/Inf: keep them out of the mean and out of the division.
+    safe_ratios = torch.where(present, ratios, torch.ones_like(ratios))
+    mean_ratio = _masked_mean(safe_ratios, present)
+    return ratios, safe_ratios / mean_ratio
+
+
+def gradnorm_weight_grad(
+    weights: Tensor,
+    grad_norms: Tensor,
+    losses: Tensor,
+    initial_losses: Tensor,
+    alpha: float,
+    present: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The analytic gradient of the GradNorm loss with respect to the task weights.
+
+    ``G_i = w_i n_i``; ``target_i = mean(G) * r_i ** alpha`` (a constant);
+    ``L_grad = sum_i |G_i - target_i|``; ``dL_grad/dw_i = sign(G_i - target_i) * n_i``.
+    This is what ``create_graph=True`` double backward through ``n_i`` would give, without
+    the double backward (``n_i`` does not depend on ``w``).
+
+    Args:
+        weights: 1-D tensor of the task weights ``w_i`` used in this step's model loss.
+        grad_norms: 1-D tensor of ``n_i = ||grad_W L_i||`` (unweighted losses).
+        losses: 1-D tensor of ``L_i(t)``.
+        initial_losses: 1-D tensor of ``L_i(0)``.
+        alpha: the asymmetry hyper-parameter (``>= 0``).
+        present: optional boolean mask of the tasks that take part.
+
+    Returns:
+        ``(weight_grad, gradnorm_loss, loss_ratios, inverse_rates)``. ``weight_grad`` is zero
+        for absent tasks and ``gradnorm_loss`` sums over present tasks only.
+
+    Example::
+
+        >>> w = torch.tensor([1.0, 1.0])
+        >>> grad, loss, _, _ = gradnorm_weight_grad(
+        ...     w, torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]), 0.0)
+        >>> grad  # G = [1, 3], target = 2: push w_0 up and w_1 down
+        tensor([-1.,  3.])
+        >>> loss
+        tensor(2.)
+    """
+    present = _present_or_all(weights, present)
+    ratios, rates = inverse_training_rates(losses, initial_losses, present)
+    safe_norms = torch.where(present, grad_norms, torch.zeros_like(grad_norms))
+    weighted = weights * safe_norms
+    target = _masked_mean(weighted, present) * rates.pow(alpha)
+    diff = weighted - target
+    zero = torch.zeros_like(diff)
+    gradnorm_loss = torch.where(present, diff.abs(), zero).sum()
+    weight_grad = torch.where(present, torch.sign(diff) * safe_norms, zero)
+    return weight_grad, gradnorm_loss, ratios, rates
+
+
+def renormalize_weights(
+    weights: Tensor,
+    previous: Tensor,
+    present: Tensor | None = None,
+    min_weight: float = 0.0,
+) -> Tensor:
+    """Clamp the updated weights to ``min_weight`` and rescale them to sum to ``T``.
+
+    Absent tasks keep their previous weight; the present ones share what is left of ``T``
+    in proportion to their updated values, so the sum stays exactly ``T``.
+
+    Args:
+        weights: 1-D tensor of the weights after the optimizer step.
+        previous: 1-D tensor of the weights before it (kept for absent tasks).
+        present: optional boolean mask of the tasks that took part.
+        min_weight: floor applied before renormalisation (keeps weights positive).
+
+    Returns:
+        The renormalised weights.
+
+    Example::
+
+        >>> renormalize_weights(torch.tensor([2.0, 4.0, 0.0]), torch.ones(3), min_weight=0.0)
+        tensor([1., 2., 0.])
+        >>> renormalize_weights(torch.tensor([3.0, 1.0, 7.0]), torch.ones(3),
+        ...                     present=torch.tensor([True, True, False]))
+        tensor([1.5000, 0.5000, 1.0000])
+    """
+    present = _present_or_all(weights, present)
+    num_tasks = weights.numel()
+    clamped = weights.clamp_min(min_weight)
+    zero = torch.zeros_like(clamped)
+    absent_sum = torch.where(present, zero, previous).sum()
+    present_sum = torch.where(present, clamped, zero).sum()
+    scale = (num_tasks - absent_sum) / present_sum
+    return torch.where(present, clamped * scale, previous)
+
+
+def adam_update(
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    betas: tuple[float, float],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One Adam step direction, elementwise with a per-element step count.
+
+    Matches :class:`torch.optim.Adam` (no weight decay, no amsgrad): the returned
+    ``direction`` is what is multiplied by the learning rate and subtracted from the
+    parameters.
+
+    Args:
+        grad: the gradient.
+        exp_avg: first-moment estimate before the step.
+        exp_avg_sq: second-moment estimate before the step.
+        step: per-element step counts before the step (floating point).
+        betas: ``(beta1, beta2)``.
+        eps: the denominator's epsilon.
+
+    Returns:
+        ``(direction, exp_avg, exp_avg_sq, step)`` after the step.
+
+    Example::
+
+        >>> d, m, v, s = adam_update(torch.tensor([2.0]), torch.zeros(1), torch.zeros(1),
+        ...                          torch.zeros(1), (0.9, 0.999), 1e-8)
+        >>> d  # the first Adam step has magnitude 1 (sign of the gradient)
+        tensor([1.0000])
+    """
+    beta1, beta2 = betas
+    step = step + 1
+    exp_avg = exp_avg * beta1 + grad * (1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
+    bias_correction1 = 1 - torch.pow(beta1, step)
+    bias_correction2 = 1 - torch.pow(beta2, step)
+    denom = exp_avg_sq.sqrt() / bias_correction2.sqrt() + eps
+    direction = exp_avg / bias_correction1 / denom
+    return direction, exp_avg, exp_avg_sq, step
