@@ -6,6 +6,7 @@ the benchmarks use it directly.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -71,6 +72,27 @@ class _StepRecord:
         self.capture = capture
         self.views = views
         self.scale: Tensor | None = None
+
+
+class _ForwardHook:
+    """The shared layer's forward hook; a copy of the model (deepcopy, pickle) gets a no-op one.
+
+    Holds the balancer weakly so that the layer does not keep a discarded balancer alive.
+    """
+
+    def __init__(self, balancer: GradNorm | None) -> None:
+        self._ref = weakref.ref(balancer) if balancer is not None else None
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        balancer = self._ref() if self._ref is not None else None
+        if balancer is not None:
+            balancer._capture_forward(module, inputs, output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ForwardHook:
+        return _ForwardHook(None)
+
+    def __reduce__(self) -> tuple[type[_ForwardHook], tuple[None]]:
+        return (_ForwardHook, (None,))
 
 
 class GradNorm:
@@ -205,7 +227,7 @@ class GradNorm:
         self._pending: _Pending | None = None
         self.steps = 0
         self.last_stats: dict[str, Tensor] = {}
-        self._hook = shared_layer.register_forward_hook(self._capture_forward)
+        self._hook = shared_layer.register_forward_hook(_ForwardHook(self))
         if names is not None:
             self._init_tasks(names)
 
@@ -409,13 +431,16 @@ class GradNorm:
         ref = next(loss for loss in items if loss is not None)
         if self.weights.device != ref.device:
             self.to(ref.device)
-        known = [loss is not None for loss in items]
+        # A loss that does not require grad while gradients are on (e.g. `torch.tensor(nan)` for
+        # a task without labels) cannot be balanced: it counts as absent, like a missing one.
+        grad_on = torch.is_grad_enabled()
+        known = [loss is not None and (loss.requires_grad or not grad_on) for loss in items]
+        items = [loss if k else None for loss, k in zip(items, known)]
+        # missing tasks enter as NaN, so one device-side isfinite decides presence
         values = torch.stack([
-            loss.reshape(()) if loss is not None else ref.new_zeros(()) for loss in items
+            loss.reshape(()) if loss is not None else ref.new_full((), float("nan")) for loss in items
         ])
         present = torch.isfinite(values)
-        if not all(known):
-            present = present & torch.tensor(known, device=values.device)
         safe = torch.where(present, values, torch.zeros_like(values))
         weights = self.weights.detach().clone()
         combined = (weights.to(safe.dtype) * safe).sum()
@@ -666,5 +691,5 @@ class GradNorm:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._captures, self._views, self._record, self._pending = [], None, None, None
-        self._hook = self.shared_layer.register_forward_hook(self._capture_forward)
+        self._hook = self.shared_layer.register_forward_hook(_ForwardHook(self))
 

@@ -60,8 +60,11 @@ class GradNormCallback(Callback):
             task's graph), so an absent task cannot corrupt the model.
 
     Raises:
-        TypeError: for arguments of the wrong type.
-        ValueError: for out-of-range arguments.
+        TypeError: for arguments of the wrong type; in ``setup``, for a module without the mixin.
+        ValueError: for out-of-range arguments; in ``setup``/``on_fit_start``, for a shared
+            layer without trainable parameters, a second GradNormCallback, more than one
+            optimizer, or accumulation under manual optimization. (A second callback given to
+            ``Trainer(callbacks=...)`` is already refused by Lightning with a ``RuntimeError``.)
 
     Example::
 
@@ -97,8 +100,9 @@ class GradNormCallback(Callback):
             lr_decay_rate=lr_decay_rate, lr_decay_steps=lr_decay_steps, lr_staircase=lr_staircase,
             min_weight=min_weight, mode=mode, distributed=distributed,
         )
-        # Validate every argument now, with the balancer's own checks.
-        probe = GradNorm(torch.nn.Linear(1, 1), num_tasks=2, **self._kwargs)
+        # Validate every argument now, with the balancer's own checks; the task names and the
+        # number of fixed initial losses are checked against the model's tasks in `setup`.
+        probe = GradNorm(torch.nn.Linear(1, 1), **self._kwargs)
         probe.remove_hooks()
         self.alpha = probe.alpha
         self.lr = probe.lr
