@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from gradnorm_lightning import GradNorm
-from tests.textbook import TextbookGradNorm, make_batches, make_multitask, task_losses, textbook_trajectory
+from tests.textbook import (
+    TextbookGradNorm,
+    make_batches,
+    make_multitask,
+    task_losses,
+    textbook_trajectory,
+)
 
 STEPS = 30
 
