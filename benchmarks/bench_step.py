@@ -613,19 +613,60 @@ def check_trajectories(wl: Workload, steps: int = 50, tol: float = 1e-6, keys: S
 # --------------------------------------------------------------------------------------
 
 
-def time_interleaved(methods: Sequence[Method], batches: Sequence[Batch], steps: int, warmup: int) -> list[list[float]]:
-    """Per-step seconds of each method, round-robin with a rotating start; warm-up dropped."""
-    times: list[list[float]] = [[] for _ in methods]
+@dataclasses.dataclass
+class Series:
+    """Per-step wall-clock (``perf_counter``) and this-thread CPU (``thread_time``) seconds.
+
+    With one intra-op thread, CPU-side autograd runs on the calling thread, so the CPU time
+    is the step's own work and excludes time the process spent descheduled: the robust
+    figure on a shared machine.
+    """
+
+    wall: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, wall: float, cpu: float) -> None:
+        """Record one step."""
+        self.wall.append(wall)
+        self.cpu.append(cpu)
+
+    def extend(self, other: Series) -> None:
+        """Append another series' steps."""
+        self.wall.extend(other.wall)
+        self.cpu.extend(other.cpu)
+
+    def drop(self, start: int, count: int) -> None:
+        """Remove ``count`` steps from index ``start``."""
+        del self.wall[start:start + count]
+        del self.cpu[start:start + count]
+
+    def __len__(self) -> int:
+        return len(self.wall)
+
+    @property
+    def med_wall(self) -> float:
+        """Median wall-clock seconds."""
+        return statistics.median(self.wall)
+
+    @property
+    def med_cpu(self) -> float:
+        """Median CPU seconds."""
+        return statistics.median(self.cpu)
+
+
+def time_interleaved(methods: Sequence[Method], batches: Sequence[Batch], steps: int, warmup: int) -> list[Series]:
+    """Per-step times of each method, round-robin with a rotating start; warm-up dropped."""
+    times = [Series() for _ in methods]
     n = len(methods)
     for r in range(warmup + steps):
         batch = batches[r % len(batches)]
         for k in range(n):
             j = (r + k) % n
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             methods[j].step(batch)
-            dt = time.perf_counter() - t0
+            c1, t1 = time.thread_time(), time.perf_counter()
             if r >= warmup:
-                times[j].append(dt)
+                times[j].add(t1 - t0, c1 - c0)
     return times
 
 
@@ -659,7 +700,8 @@ class _StepTimer:
 
     def __init__(self) -> None:
         self.t0 = 0.0
-        self.times: list[float] = []
+        self.c0 = 0.0
+        self.times = Series()
         self.threads: set[int] = set()
 
 
@@ -670,11 +712,12 @@ def _timer_callbacks(timer: _StepTimer) -> tuple[Any, Any]:
     class Start(L.Callback):
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             timer.threads.add(torch.get_num_threads())
-            timer.t0 = time.perf_counter()
+            timer.t0, timer.c0 = time.perf_counter(), time.thread_time()
 
     class End(L.Callback):
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            timer.times.append(time.perf_counter() - timer.t0)
+            c1, t1 = time.thread_time(), time.perf_counter()
+            timer.times.add(t1 - timer.t0, c1 - timer.c0)
 
     return Start(), End()
 
@@ -734,14 +777,13 @@ def _fit(module: Any, batches: Sequence[Batch], steps: int, extra: Sequence[Any]
 
 @dataclasses.dataclass
 class LightningResult:
-    """Median step times (seconds) of the Lightning section."""
+    """Step times of the Lightning section."""
 
-    plain_loop: float
-    balancer_loop: float
-    lightning_plain: float
-    lightning_gradnorm: float
-    lightning_gradnorm_nosanitize: float
-    steps: int
+    plain_loop: Series
+    balancer_loop: Series
+    lightning_plain: Series
+    lightning_gradnorm: Series
+    lightning_gradnorm_nosanitize: Series
 
 
 def time_lightning(wl: Workload, batches: Sequence[Batch], steps: int, per_fit: int = 10,
@@ -771,20 +813,18 @@ def time_lightning(wl: Workload, batches: Sequence[Batch], steps: int, per_fit: 
     timers = [_StepTimer() for _ in runs]
     loops: list[Method] = [PlainSum(wl, build_model(wl)),
                            ProjectGradNorm(wl, build_model(wl), name="balancer")]
-    loop_times: list[list[float]] = [[], []]
+    loop_times = [Series(), Series()]
     rounds = 0
     while min(*(len(t.times) for t in timers), len(loop_times[0])) < steps:
         for (module, callbacks), timer in zip(runs, timers, strict=True):
             n = len(timer.times)
             _fit(module, batches, per_fit, callbacks, timer)
-            del timer.times[n:n + drop]
+            timer.times.drop(n, drop)
         block = time_interleaved(loops, batches, per_fit - drop, warmup=0 if rounds else drop)
         for acc, series in zip(loop_times, block, strict=True):
             acc.extend(series)
         rounds += 1
-    med = statistics.median
-    return LightningResult(med(loop_times[0]), med(loop_times[1]), *(med(t.times) for t in timers),
-                           steps=min(len(t.times) for t in timers))
+    return LightningResult(loop_times[0], loop_times[1], *(t.times for t in timers))
 
 
 # --------------------------------------------------------------------------------------
@@ -814,9 +854,14 @@ def machine_info() -> list[str]:
         except metadata.PackageNotFoundError:
             return "not installed"
 
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                                check=False, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../gradnorm_lightning"],
+                               capture_output=True, text=True, check=False, cwd=here).stdout.strip()
+        if commit and dirty:
+            commit += " + uncommitted changes in gradnorm_lightning/"
     except OSError:
         commit = "?"
     return [
@@ -852,16 +897,16 @@ def run_workload(wl: Workload, steps: int, warmup: int, check_steps: int, lightn
     times = time_interleaved(methods, batches, steps, warmup)
     peaks = [step_peak_bytes(m, batches) for m in methods]
 
-    plain_med = statistics.median(times[0])
-    lines += ["| method | median ms/step | p25–p75 ms | ratio to plain | extra peak memory (MiB) "
-              "| max abs(w − w_textbook) [reference] |",
-              "|---|---:|---:|---:|---:|---|"]
+    plain = times[0]
+    lines += ["| method | median ms/step | p25–p75 ms | ratio to plain | CPU ms/step | ratio to plain (CPU) "
+              "| extra peak memory (MiB) | max abs(w − w_textbook) [reference] |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for (key, _), m, ts, pk in zip(factories, methods, times, peaks, strict=True):
-        med = statistics.median(ts)
-        q = statistics.quantiles(ts, n=4)
+        q = statistics.quantiles(ts.wall, n=4)
         chk = checks.get(key)
         dev = "—" if chk is None else f"{chk.max_abs_dev:.1e} [{chk.reference}]" + ("" if chk.ok else " (deviates, see below)")
-        lines.append(f"| {m.name} | {med * 1e3:.2f} | {q[0] * 1e3:.2f}–{q[2] * 1e3:.2f} | {med / plain_med:.2f}× "
+        lines.append(f"| {m.name} | {ts.med_wall * 1e3:.2f} | {q[0] * 1e3:.2f}–{q[2] * 1e3:.2f} "
+                     f"| {ts.med_wall / plain.med_wall:.2f}× | {ts.med_cpu * 1e3:.2f} | {ts.med_cpu / plain.med_cpu:.2f}× "
                      f"| {(pk - peaks[0]) / 2**20:+.2f} | {dev} |")
     lines.append("")
     lines.append(f"Plain step peak (allocated during the step): {peaks[0] / 2**20:.2f} MiB.")
@@ -873,25 +918,31 @@ def run_workload(wl: Workload, steps: int, warmup: int, check_steps: int, lightn
     if lightning and project_available():
         print(f"== {wl.name}: Lightning", flush=True)
         lr = time_lightning(wl, batches, steps)
+        rows = [("plain PyTorch loop, summed loss", lr.plain_loop, None),
+                ("plain PyTorch loop, GradNorm balancer (default path)", lr.balancer_loop, None),
+                ("Lightning, summed loss, no callback", lr.lightning_plain, None),
+                ("Lightning, GradNormMixin + GradNormCallback() (defaults)", lr.lightning_gradnorm, lr.balancer_loop),
+                ("Lightning, GradNormMixin + GradNormCallback(sanitize_grads=False)",
+                 lr.lightning_gradnorm_nosanitize, lr.balancer_loop)]
+        n = min(len(r[1]) for r in rows)
         lines += [
-            f"Lightning (same model; {lr.steps} timed steps each, short fits alternated with blocks of the plain loops):",
+            f"Lightning (same model; >= {n} timed steps each; short fits alternated with blocks of the plain "
+            "loops; a step is on_train_batch_start (first callback) → on_train_batch_end (last callback)):",
             "",
-            "| run | median ms/step | ratio |",
-            "|---|---:|---:|",
-            f"| plain PyTorch loop, summed loss | {lr.plain_loop * 1e3:.2f} | 1.00× |",
-            f"| plain PyTorch loop, GradNorm balancer (default) | {lr.balancer_loop * 1e3:.2f} | "
-            f"{lr.balancer_loop / lr.plain_loop:.2f}× plain loop |",
-            f"| Lightning, summed loss, no callback | {lr.lightning_plain * 1e3:.2f} | "
-            f"{lr.lightning_plain / lr.plain_loop:.2f}× plain loop |",
-            f"| Lightning, GradNormMixin + GradNormCallback() | {lr.lightning_gradnorm * 1e3:.2f} | "
-            f"{lr.lightning_gradnorm / lr.lightning_plain:.2f}× Lightning without; "
-            f"{lr.lightning_gradnorm / lr.balancer_loop:.2f}× plain balancer loop |",
-            f"| Lightning, GradNormMixin + GradNormCallback(sanitize_grads=False) | "
-            f"{lr.lightning_gradnorm_nosanitize * 1e3:.2f} | "
-            f"{lr.lightning_gradnorm_nosanitize / lr.lightning_plain:.2f}× Lightning without; "
-            f"{lr.lightning_gradnorm_nosanitize / lr.balancer_loop:.2f}× plain balancer loop |",
-            "",
+            "| run | median ms/step | ÷ plain loop | ÷ Lightning without | ÷ plain balancer loop "
+            "| CPU ms/step | ÷ Lightning without (CPU) | ÷ plain balancer loop (CPU) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        base = lr.lightning_plain
+        for label, ser, bal in rows:
+            is_lit = label.startswith("Lightning")
+            lines.append(
+                f"| {label} | {ser.med_wall * 1e3:.2f} | {ser.med_wall / lr.plain_loop.med_wall:.2f}× "
+                f"| {f'{ser.med_wall / base.med_wall:.2f}×' if is_lit else '—'} "
+                f"| {f'{ser.med_wall / bal.med_wall:.2f}×' if bal is not None else '—'} "
+                f"| {ser.med_cpu * 1e3:.2f} | {f'{ser.med_cpu / base.med_cpu:.2f}×' if is_lit else '—'} "
+                f"| {f'{ser.med_cpu / bal.med_cpu:.2f}×' if bal is not None else '—'} |")
+        lines.append("")
     return lines
 
 
@@ -912,13 +963,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = ["# GradNorm step-time benchmark", "", f"Command: `python {' '.join(sys.argv if argv is None else ['benchmarks/bench_step.py', *argv])}`", ""]
     lines += machine_info()
     lines += ["", "Time: median over interleaved rounds (methods round-robin, start rotating), after warm-up, "
-              "one thread. Ratio: ÷ the plain summed-loss step measured in the same rounds. Extra peak "
+              "one thread. Ratio: ÷ the plain summed-loss step measured in the same rounds. CPU ms: `time.thread_time()` of the step (excludes time descheduled by other processes; the steadier figure on a shared machine). Extra peak "
               "memory: peak of bytes allocated during one step (CPU allocator events from "
               "`torch.profiler(profile_memory=True)`, replayed in order) minus the plain step's; state kept "
               "between steps is not included (O(T) floats for every method). Trajectory: float64, same "
               "init/data/lr/alpha, max over all steps and tasks of |w − w_reference|, where the reference is "
               "the textbook create_graph GradNorm with norms over: W = all parameters of the last shared layer, "
-              "trunk = all trunk parameters, rep = the shared layer's output.", ""]
+              "trunk = all trunk parameters, rep = the shared layer's output, rep_relu = the representation the heads read (after the ReLU).", ""]
     if not project_available():
         lines += ["**gradnorm_lightning.GradNorm is not importable: this project's rows are missing.**", ""]
     names = ["toy", "conv"] if args.workload == "all" else [args.workload]
