@@ -2,7 +2,9 @@
 
 * :class:`GradNorm`: the balancer, usable in any PyTorch training loop;
 * :class:`GradNormMixin` and :class:`GradNormCallback`: the Lightning integration;
-* :mod:`gradnorm_lightning.functional`: the math on tensors.
+* :mod:`gradnorm_lightning.functional`: the math on tensors;
+* baselines with the same interface and log keys: :class:`EqualWeighting`,
+  :class:`UncertaintyWeighting`, :class:`DynamicWeightAverage` and their callbacks.
 """
 
 from gradnorm_lightning.balancer import GradNorm
@@ -14,11 +16,25 @@ from gradnorm_lightning.functional import (
     renormalize_weights,
 )
 from gradnorm_lightning.mixin import GradNormMixin
+from gradnorm_lightning.weighting import (
+    DWACallback,
+    DynamicWeightAverage,
+    EqualWeighting,
+    EqualWeightingCallback,
+    UncertaintyWeighting,
+    UncertaintyWeightingCallback,
+)
 
 __all__ = [
+    "DWACallback",
+    "DynamicWeightAverage",
+    "EqualWeighting",
+    "EqualWeightingCallback",
     "GradNorm",
     "GradNormCallback",
     "GradNormMixin",
+    "UncertaintyWeighting",
+    "UncertaintyWeightingCallback",
     "adam_update",
     "gradnorm_weight_grad",
     "inverse_training_rates",

@@ -133,7 +133,8 @@ class _Pending:
             return _linear_sq_norms(rows, grads)
         if self.param_grads is not None:
             return self.param_grads.pow(2).sum(dim=1)
-        assert self.rep_sq_norms is not None  # internal invariant, never user input
+        if self.rep_sq_norms is None:  # norms not measured (a baseline that does not need them)
+            return torch.full_like(self.loss_sum, float("nan"))
         return self.rep_sq_norms
 
     def local_param_grads(self) -> Tensor | None:

@@ -38,7 +38,7 @@ __all__ = ["GradNorm", "LossesLike"]
 
 LossesLike = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
-_STATE_TENSORS = (
+_STATE_TENSORS: tuple[str, ...] = (
     "weights",
     "initial_loss_sum",
     "initial_loss_count",
@@ -165,6 +165,11 @@ class GradNorm:
         3.0
     """
 
+    #: the state tensors saved by :meth:`state_dict` (subclasses extend it)
+    _state_names: tuple[str, ...] = _STATE_TENSORS
+    #: whether the per-task gradient norms are measured (baselines may not need them)
+    _measure_norms: bool = True
+
     def __init__(
         self,
         shared_layer: nn.Module,
@@ -288,13 +293,17 @@ class GradNorm:
         self.skipped_updates = torch.zeros((), dtype=self.dtype, device=dev)
         self._fixed_initial = fixed.to(dev)
         self._fixed_mask = fixed_mask.to(dev)
+        self._init_extra_state(num_tasks)
+
+    def _init_extra_state(self, num_tasks: int) -> None:
+        """Subclasses create their additional state tensors here."""
 
     def to(self, device: torch.device | str) -> GradNorm:
         """Move the state to ``device`` (the balancer also follows the losses by itself)."""
         device = torch.device(device)
         self.device = device
         if self._task_names is not None:
-            for name in (*_STATE_TENSORS, "_fixed_initial", "_fixed_mask"):
+            for name in (*self._state_names, "_fixed_initial", "_fixed_mask"):
                 setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -308,7 +317,7 @@ class GradNorm:
         """Everything needed to continue the weight trajectory exactly."""
         state: dict[str, Any] = {"task_names": list(self.task_names) if self.initialized else None, "steps": self.steps}
         if self.initialized:
-            for name in _STATE_TENSORS:
+            for name in self._state_names:
                 state[name] = getattr(self, name).detach().clone()
         return state
 
@@ -330,7 +339,13 @@ class GradNorm:
                 f"The checkpoint's GradNorm tasks {list(names)} differ from this model's "
                 f"{list(self._task_names)}; resume with the same tasks in the same order."
             )
-        for name in _STATE_TENSORS:
+        missing = [name for name in self._state_names if name not in state]
+        if missing:
+            raise ValueError(
+                f"The checkpoint's {type(self).__name__} state lacks {missing}: it was written by another "
+                "weighting strategy; resume with the same one."
+            )
+        for name in self._state_names:
             cur = getattr(self, name)
             setattr(self, name, state[name].to(device=cur.device, dtype=cur.dtype).clone())
         self.steps = int(state["steps"])
@@ -450,12 +465,12 @@ class GradNorm:
         if not (torch.is_grad_enabled() and combined.requires_grad):
             return combined
         capture = captures[0] if len(captures) == 1 else None
-        if self.mode != "autograd" and not captures:
+        if self._measure_norms and self.mode != "autograd" and not captures:
             raise ValueError(
                 f"The shared layer ({type(self.shared_layer).__name__}) was not called in the forward pass "
                 "that produced these losses; `shared_layer` must be the last layer shared by all tasks."
             )
-        if views is not None and (capture is None or self.mode == "autograd"):
+        if views is not None and (capture is None or self.mode == "autograd" or not self._measure_norms):
             views = None  # per-task backward passes below; the views act as plain aliases
         record = _StepRecord(items, values.detach(), present, weights, capture, views)
         self._record = record
@@ -484,6 +499,8 @@ class GradNorm:
         pending.loss_weight += torch.where(present, scale, 0.0)
         pending.present |= present
         pending.backwards += 1
+        if not self._measure_norms:
+            return
         if record.views is not None:
             return  # the views' hook delivers the per-task gradients
         if self.mode == "autograd" or record.capture is None:
@@ -636,31 +653,19 @@ class GradNorm:
         initial = torch.where(self._fixed_mask, self._fixed_initial, measured)
 
         weights = self.weights
-        grad, gradnorm_loss, ratios, rates = F.gradnorm_weight_grad(
-            weights, norms, losses, initial, self.alpha, present
-        )
-        lr = self.current_lr()
-        if self.optimizer == "adam":
-            direction, exp_avg, exp_avg_sq, adam_steps = F.adam_update(
-                grad, self.exp_avg, self.exp_avg_sq, self.adam_steps, self.betas, self.eps
-            )
-        else:
-            direction, exp_avg, exp_avg_sq, adam_steps = grad, self.exp_avg, self.exp_avg_sq, self.adam_steps
-        new_weights = F.renormalize_weights(weights - lr * direction, weights, present, self.min_weight)
-
-        finite = torch.isfinite(norms) & torch.isfinite(rates) & torch.isfinite(new_weights)
-        finite = finite & (initial > 0)
-        ok = present.any() & (finite | ~present).all()
+        new_weights, objective, ratios, rates, valid, moments = self._propose(weights, norms, losses, initial, present)
+        ok = present.any() & (valid | ~present).all()
         if found_inf is not None:
             ok = ok & (found_inf.to(ok.device) == 0).reshape(())
-        upd = ok & present  # per task: the tasks whose state moves this step
+        upd = ok & present  # per task: the tasks whose optimizer state moves this step
 
         self.weights = torch.where(ok, new_weights, weights)
-        self.exp_avg = torch.where(upd, exp_avg, self.exp_avg)
-        self.exp_avg_sq = torch.where(upd, exp_avg_sq, self.exp_avg_sq)
-        self.adam_steps = torch.where(upd, adam_steps, self.adam_steps)
+        self.exp_avg = torch.where(upd, moments[0], self.exp_avg)
+        self.exp_avg_sq = torch.where(upd, moments[1], self.exp_avg_sq)
+        self.adam_steps = torch.where(upd, moments[2], self.adam_steps)
         self.initial_loss_sum = torch.where(ok, init_sum, self.initial_loss_sum)
         self.initial_loss_count = torch.where(ok, init_count, self.initial_loss_count)
+        self._commit_extra_state(ok, present, losses)
         self.num_updates = self.num_updates + ok.to(self.dtype)
         self.skipped = self.skipped + (~present).to(self.dtype)
         self.skipped_updates = self.skipped_updates + (~ok).to(self.dtype)
@@ -669,11 +674,36 @@ class GradNorm:
             "grad_norms": norms,
             "loss_ratios": ratios,
             "inverse_rates": rates,
-            "loss": gradnorm_loss,
+            "loss": objective,
             "skipped": self.skipped,
             "present": present,
             "applied": ok,
         }
+
+    def _optimizer_direction(self, grad: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The weight optimizer's step direction and its new (Adam) state."""
+        if self.optimizer == "adam":
+            direction, exp_avg, exp_avg_sq, adam_steps = F.adam_update(
+                grad, self.exp_avg, self.exp_avg_sq, self.adam_steps, self.betas, self.eps
+            )
+            return direction, (exp_avg, exp_avg_sq, adam_steps)
+        return grad, (self.exp_avg, self.exp_avg_sq, self.adam_steps)
+
+    def _propose(
+        self, weights: Tensor, norms: Tensor, losses: Tensor, initial: Tensor, present: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The GradNorm rule: the proposed weights, the GradNorm loss, ratios, inverse rates,
+        which tasks have valid (finite) statistics, and the optimizer's new state."""
+        grad, gradnorm_loss, ratios, rates = F.gradnorm_weight_grad(
+            weights, norms, losses, initial, self.alpha, present
+        )
+        direction, moments = self._optimizer_direction(grad)
+        new_weights = F.renormalize_weights(weights - self.current_lr() * direction, weights, present, self.min_weight)
+        valid = torch.isfinite(norms) & torch.isfinite(rates) & torch.isfinite(new_weights) & (initial > 0)
+        return new_weights, gradnorm_loss, ratios, rates, valid, moments
+
+    def _commit_extra_state(self, ok: Tensor, present: Tensor, losses: Tensor) -> None:
+        """Subclasses with more state commit it here (only where ``ok``)."""
 
     def __repr__(self) -> str:
         names = list(self._task_names) if self._task_names is not None else "?"

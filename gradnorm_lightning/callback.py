@@ -26,7 +26,112 @@ _STAT_KEYS = (
 )
 
 
-class GradNormCallback(Callback):
+class _WeightingCallback(Callback):
+    """Shared Lightning wiring of every loss-weighting strategy: checks, hooks, logging, state."""
+
+    balancer: GradNorm | None
+    log: bool
+    sanitize_grads: bool
+    _loaded_state: dict[str, Any] | None
+
+    def _make_balancer(self, layer: torch.nn.Module, task_names: tuple[str, ...] | None) -> GradNorm:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ checks
+    def _check_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, GradNormMixin):
+            raise TypeError(
+                f"{type(self).__name__} needs a LightningModule that mixes in `GradNormMixin`; "
+                f"{type(pl_module).__name__} does not. Declare it as "
+                f"`class {type(pl_module).__name__}(GradNormMixin, L.LightningModule)`."
+            )
+        others = [cb for cb in trainer.callbacks if isinstance(cb, _WeightingCallback) and cb is not self]  # type: ignore[attr-defined]
+        if others:
+            names = sorted({type(cb).__name__ for cb in [self, *others]})
+            raise ValueError(
+                f"The Trainer has more than one loss-weighting callback ({', '.join(names)}); keep exactly "
+                "one (the weights of one model are balanced by one callback)."
+            )
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._check_module(trainer, pl_module)
+        assert isinstance(pl_module, GradNormMixin)  # narrowed by _check_module
+        layer = _check_shared_layer(pl_module.shared_layer(), "`shared_layer()`")
+        if self.balancer is None or self.balancer.shared_layer is not layer:
+            if self.balancer is not None:
+                self.balancer.remove_hooks()
+            self.balancer = self._make_balancer(layer, pl_module._declared_task_names())
+        if self._loaded_state is not None:
+            self.balancer.load_state_dict(self._loaded_state)
+            self._loaded_state = None
+        pl_module._attach_balancer(self.balancer)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"{type(self).__name__} supports exactly one optimizer; the module configured "
+                f"{len(trainer.optimizers)}. Put all parameters in one optimizer (parameter groups are fine)."
+            )
+        if not pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"{type(self).__name__} does not support `accumulate_grad_batches` with manual optimization: "
+                "remove `accumulate_grad_batches` from the Trainer, or accumulate by calling "
+                "`optimizer.step()` every k batches yourself."
+            )
+        if self.balancer is not None:
+            self.balancer.to(pl_module.device)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        balancer = self.balancer
+        if balancer is None:
+            return
+        grad_scale, found_inf = _scaler_state(trainer, optimizer)
+        stepped = balancer._pending is not None
+        balancer.step(grad_scale=grad_scale, found_inf=found_inf)
+        if not stepped:
+            return
+        if self.sanitize_grads:
+            _zero_nonfinite_grads(pl_module, ~balancer.last_stats["present"].all())
+        if self.log and (trainer._logger_connector.should_update_logs or bool(getattr(trainer, "fast_dev_run", False))):
+            pl_module.log_dict(self._metrics(balancer), on_step=True, on_epoch=False)
+
+    @staticmethod
+    def _metrics(balancer: GradNorm) -> dict[str, Tensor]:
+        stats = balancer.last_stats
+        metrics: dict[str, Tensor] = {"gradnorm/loss": stats["loss"]}
+        for key, stat in _STAT_KEYS:
+            for name, value in zip(balancer.task_names, stats[stat].unbind()):
+                metrics[f"gradnorm/{key}/{name}"] = value
+        return metrics
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.balancer is not None:
+            self.balancer._pending = None
+            self.balancer._captures = []
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.balancer is not None:
+            return self.balancer.state_dict()
+        return dict(self._loaded_state or {})
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.balancer is not None:
+            self.balancer.load_state_dict(state_dict)
+        else:
+            self._loaded_state = dict(state_dict)
+
+
+class GradNormCallback(_WeightingCallback):
     """Balance the task losses of a :class:`~gradnorm_lightning.GradNormMixin` module with GradNorm.
 
     The callback builds a :class:`~gradnorm_lightning.GradNorm` balancer for the module's
@@ -122,97 +227,8 @@ class GradNormCallback(Callback):
         self.balancer: GradNorm | None = None
         self._loaded_state: dict[str, Any] | None = None
 
-    # ------------------------------------------------------------------ checks
-    def _check_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not isinstance(pl_module, GradNormMixin):
-            raise TypeError(
-                f"GradNormCallback needs a LightningModule that mixes in `GradNormMixin`; "
-                f"{type(pl_module).__name__} does not. Declare it as "
-                f"`class {type(pl_module).__name__}(GradNormMixin, L.LightningModule)`."
-            )
-        others = [cb for cb in trainer.callbacks if isinstance(cb, GradNormCallback) and cb is not self]  # type: ignore[attr-defined]
-        if others:
-            raise ValueError(
-                "The Trainer has more than one GradNormCallback; keep exactly one (the weights of one "
-                "model are balanced by one callback)."
-            )
-
-    # ------------------------------------------------------------------ hooks
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._check_module(trainer, pl_module)
-        assert isinstance(pl_module, GradNormMixin)  # narrowed by _check_module
-        layer = _check_shared_layer(pl_module.shared_layer(), "`shared_layer()`")
-        if self.balancer is None or self.balancer.shared_layer is not layer:
-            if self.balancer is not None:
-                self.balancer.remove_hooks()
-            self.balancer = GradNorm(layer, task_names=pl_module._declared_task_names(), **self._kwargs)
-        if self._loaded_state is not None:
-            self.balancer.load_state_dict(self._loaded_state)
-            self._loaded_state = None
-        pl_module._attach_balancer(self.balancer)
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(trainer.optimizers) != 1:
-            raise ValueError(
-                f"GradNormCallback supports exactly one optimizer; the module configured {len(trainer.optimizers)}. "
-                "Put all parameters in one optimizer (parameter groups are fine)."
-            )
-        if not pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
-            raise ValueError(
-                "GradNormCallback does not support `accumulate_grad_batches` with manual optimization: "
-                "remove `accumulate_grad_batches` from the Trainer, or accumulate by calling "
-                "`optimizer.step()` every k batches yourself."
-            )
-        if self.balancer is not None:
-            self.balancer.to(pl_module.device)
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        balancer = self.balancer
-        if balancer is None:
-            return
-        grad_scale, found_inf = _scaler_state(trainer, optimizer)
-        stepped = balancer._pending is not None
-        balancer.step(grad_scale=grad_scale, found_inf=found_inf)
-        if not stepped:
-            return
-        if self.sanitize_grads:
-            _zero_nonfinite_grads(pl_module, ~balancer.last_stats["present"].all())
-        if self.log and (trainer._logger_connector.should_update_logs or bool(getattr(trainer, "fast_dev_run", False))):
-            pl_module.log_dict(self._metrics(balancer), on_step=True, on_epoch=False)
-
-    @staticmethod
-    def _metrics(balancer: GradNorm) -> dict[str, Tensor]:
-        stats = balancer.last_stats
-        metrics: dict[str, Tensor] = {"gradnorm/loss": stats["loss"]}
-        for key, stat in _STAT_KEYS:
-            for name, value in zip(balancer.task_names, stats[stat].unbind()):
-                metrics[f"gradnorm/{key}/{name}"] = value
-        return metrics
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.balancer is not None:
-            self.balancer._pending = None
-            self.balancer._captures = []
-
-    # ------------------------------------------------------------------ state
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        if self.balancer is not None:
-            return self.balancer.state_dict()
-        return dict(self._loaded_state or {})
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.balancer is not None:
-            self.balancer.load_state_dict(state_dict)
-        else:
-            self._loaded_state = dict(state_dict)
+    def _make_balancer(self, layer: torch.nn.Module, task_names: tuple[str, ...] | None) -> GradNorm:
+        return GradNorm(layer, task_names=task_names, **self._kwargs)
 
 
 def _scaler_state(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> tuple[Tensor | None, Tensor | None]:

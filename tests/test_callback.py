@@ -187,7 +187,7 @@ def test_two_callbacks_are_refused() -> None:
     # ... and `setup` is the backstop for callbacks added afterwards.
     t = trainer(1, callbacks=[GradNormCallback()])
     t.callbacks.append(GradNormCallback())
-    with pytest.raises(ValueError, match=r"more than one GradNormCallback; keep exactly one"):
+    with pytest.raises(ValueError, match=r"more than one loss-weighting callback \(GradNormCallback\); keep exactly one"):
         t.fit(MultiTaskNet(), loader(3, 1))
 
 
