@@ -83,6 +83,10 @@ class _ForwardHook:
     def __init__(self, balancer: GradNorm | None) -> None:
         self._ref = weakref.ref(balancer) if balancer is not None else None
 
+    # Never traced by torch.compile: the captured tensors must be real tensors on the loss's
+    # autograd path (a traced hook records a side output of the compiled graph that the loss
+    # does not depend on). Costs one graph break at the shared layer.
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         balancer = self._ref() if self._ref is not None else None
         if balancer is not None:
@@ -359,6 +363,7 @@ class GradNorm:
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
             self._captures.append(_Capture(tuple(i for i in inputs if isinstance(i, Tensor)), output))
 
+    @torch.compiler.disable
     def task_views(self, z: Tensor) -> tuple[Tensor, ...]:
         """One alias of the shared representation ``z`` per task, in task order.
 
@@ -450,6 +455,15 @@ class GradNorm:
         # a task without labels) cannot be balanced: it counts as absent, like a missing one.
         grad_on = torch.is_grad_enabled()
         known = [loss is not None and (loss.requires_grad or not grad_on) for loss in items]
+        for name, loss, k in zip(self.task_names, items, known):
+            # A constant loss (metadata check first: healthy steps never read a value) is
+            # absent when non-finite (the usual "no labels" placeholder) and a misuse when finite.
+            if loss is not None and not k and bool(torch.isfinite(loss).all()):
+                raise ValueError(
+                    f"The loss of task {name!r} does not require grad, so it does not depend on the shared "
+                    "layer (computed under no_grad, or detached?). For a task without labels in this batch, "
+                    "leave it out of the dict or pass None or NaN."
+                )
         items = [loss if k else None for loss, k in zip(items, known)]
         # missing tasks enter as NaN, so one device-side isfinite decides presence
         values = torch.stack([
@@ -498,6 +512,8 @@ class GradNorm:
         pending.loss_sum += torch.where(present, scale * record.values.to(self.dtype), 0.0)
         pending.loss_weight += torch.where(present, scale, 0.0)
         pending.present |= present
+        gap = ~present.all()
+        pending.incomplete = gap if pending.incomplete is None else pending.incomplete | gap
         pending.backwards += 1
         if not self._measure_norms:
             return
@@ -677,6 +693,7 @@ class GradNorm:
             "loss": objective,
             "skipped": self.skipped,
             "present": present,
+            "incomplete": pending.incomplete if pending.incomplete is not None else ~present.all(),
             "applied": ok,
         }
 

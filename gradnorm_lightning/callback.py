@@ -97,7 +97,7 @@ class _WeightingCallback(Callback):
         if not stepped:
             return
         if self.sanitize_grads:
-            _zero_nonfinite_grads(pl_module, ~balancer.last_stats["present"].all())
+            _zero_nonfinite_grads(pl_module, balancer.last_stats["incomplete"])
         if self.log and (trainer._logger_connector.should_update_logs or bool(getattr(trainer, "fast_dev_run", False))):
             pl_module.log_dict(self._metrics(balancer), on_step=True, on_epoch=False)
 
@@ -160,9 +160,10 @@ class GradNormCallback(_WeightingCallback):
         mode: ``"auto"``, ``"autograd"`` or ``"representation"`` (see :class:`GradNorm`).
         distributed: ``"exact"`` or ``"approx"`` (see :class:`GradNorm`).
         log: log the statistics to the Trainer's logger.
-        sanitize_grads: on a step where some task's loss was not finite, zero the model's
-            non-finite gradient entries that its backward left (``0 * inf`` in the absent
-            task's graph), so an absent task cannot corrupt the model.
+        sanitize_grads: on a step where some task's loss was not finite (in any micro-batch of
+            an accumulation window), zero the model's non-finite gradient entries that its
+            backward left (``0 * inf`` in the absent task's graph), so an absent task cannot
+            corrupt the model. Costs one elementwise pass over the gradients per step.
 
     Raises:
         TypeError: for arguments of the wrong type; in ``setup``, for a module without the mixin.
