@@ -1,0 +1,208 @@
+"""Hydra entry point: ``gradnorm-train`` / ``python -m gradnorm_lightning.train``.
+
+:func:`train` builds everything from the config (``_target_`` entries, instantiated with
+:func:`hydra.utils.instantiate`), fits, tests and writes into the run folder
+(``cfg.paths.output_dir``, Hydra's run directory):
+
+* ``csv/metrics.csv``: the logged metrics (CSV logger, the default);
+* ``gradnorm.png``: task weights, gradient norms and inverse training rates per task over
+  steps (:func:`gradnorm_lightning.plotting.plot_runs`);
+* ``summary.json`` and ``summary.txt``: final weights, per-task test loss and metric, time
+  per training step and total steps (:mod:`gradnorm_lightning.summary`).
+
+Examples::
+
+    gradnorm-train                                   # paper_toy, GradNorm alpha = 0.12
+    gradnorm-train experiment=mmoe_recsys callbacks.gradnorm.alpha=1.0
+    gradnorm-train experiment=digits_multitask trainer.max_steps=200 seed=1
+    gradnorm-train debug=fdr                         # one batch of everything
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, Logger
+from omegaconf import DictConfig, OmegaConf
+
+from gradnorm_lightning.plotting import plot_runs
+from gradnorm_lightning.summary import StepTimer, build_summary, format_summary, write_summary
+
+__all__ = ["instantiate_callbacks", "instantiate_loggers", "main", "train"]
+
+log = logging.getLogger(__name__)
+
+FIGURE_NAME = "gradnorm.png"
+
+
+def _instantiate_dict(cfg: DictConfig | None, kind: str) -> list[Any]:
+    """Instantiate every value of a ``name -> {_target_: ...}`` dict config, in order.
+
+    Values that are ``None`` or have no ``_target_`` are skipped (the latter with a log
+    message: e.g. ``callbacks.gradnorm`` settings left by an experiment under another
+    weighting).
+    """
+    if cfg is None:
+        return []
+    if not isinstance(cfg, DictConfig):
+        raise TypeError(
+            f"`{kind}` must be a dict of name -> config with a `_target_`; got {type(cfg).__name__}."
+        )
+    objects = []
+    for name, node in cfg.items():
+        if node is None:
+            continue
+        if isinstance(node, DictConfig) and "_target_" in node:
+            objects.append(hydra.utils.instantiate(node))
+        else:
+            log.info("Skipping %s.%s: it has no `_target_`.", kind, name)
+    return objects
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    """Instantiate the callbacks of ``cfg.callbacks``.
+
+    Args:
+        cfg: A dict config ``name -> {_target_: ..., args}``, or ``None``.
+
+    Returns:
+        The callbacks, in config order.
+
+    Raises:
+        TypeError: If ``cfg`` is not a dict config or an entry is not a ``Callback``.
+        hydra.errors.InstantiationException: If an entry cannot be built; the message
+            names the entry's full key (e.g. ``callbacks.gradnorm``).
+    """
+    callbacks = _instantiate_dict(cfg, "callbacks")
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"`callbacks` entries must build Lightning callbacks; got {cb!r}.")
+    return callbacks
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    """Instantiate the loggers of ``cfg.logger``.
+
+    Args:
+        cfg: A dict config ``name -> {_target_: ..., args}``, or ``None``.
+
+    Returns:
+        The loggers, in config order.
+
+    Raises:
+        TypeError: If ``cfg`` is not a dict config or an entry is not a Lightning ``Logger``.
+        hydra.errors.InstantiationException: If an entry cannot be built.
+    """
+    loggers = _instantiate_dict(cfg, "logger")
+    for lg in loggers:
+        if not isinstance(lg, Logger):
+            raise TypeError(f"`logger` entries must build Lightning loggers; got {lg!r}.")
+    return loggers
+
+
+def _hydra_choice(group: str) -> str | None:
+    """The option chosen for a config group in the current Hydra run, if any."""
+    if not HydraConfig.initialized():
+        return None
+    choice = HydraConfig.get().runtime.choices.get(group)
+    return None if choice is None else str(choice)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit and test the configured model, then write metrics, figure and summary.
+
+    Args:
+        cfg: The composed config (``configs/train.yaml``): ``data``, ``model``, ``trainer``
+            (each with a ``_target_``), ``callbacks`` and ``logger`` (dicts of such
+            entries), ``paths.output_dir``, ``seed``, and the flags ``test`` and ``plot``.
+
+    Returns:
+        The summary (see :func:`gradnorm_lightning.summary.build_summary`) with the paths
+        of the files written under ``files``.
+
+    Raises:
+        hydra.errors.InstantiationException: If a config entry cannot be built (the message
+            names its full key, e.g. ``callbacks.gradnorm``).
+        TypeError: If ``callbacks`` or ``logger`` entries build the wrong kind of object.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+
+    log.info("Instantiating data <%s>", cfg.data._target_)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info("Instantiating model <%s>", cfg.model._target_)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    timer = StepTimer()
+    loggers = instantiate_loggers(cfg.get("logger"))
+    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=[timer, *callbacks], logger=loggers or False
+    )
+
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    test_results: dict[str, Any] = {}
+    if cfg.get("test", True):
+        results = trainer.test(model=model, datamodule=datamodule, verbose=False)
+        test_results = dict(results[0]) if results else {}
+
+    out_dir = Path(cfg.paths.output_dir)
+    files: dict[str, str] = {}
+    csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+    for lg in csv_loggers:
+        lg.save()
+        files["metrics_csv"] = str(Path(lg.log_dir) / "metrics.csv")
+    if cfg.get("plot", True) and trainer.is_global_zero:
+        if "metrics_csv" in files and Path(files["metrics_csv"]).is_file():
+            label = str(cfg.get("task_name", "run"))
+            try:
+                figure = plot_runs([files["metrics_csv"]], out_dir / FIGURE_NAME, labels=[label])
+                files["figure"] = str(figure)
+            except ValueError as err:  # e.g. fewer steps than trainer.log_every_n_steps
+                log.warning("No figure: %s", err)
+        else:
+            log.warning("No CSV metrics were written (logger=csv is needed): no figure.")
+
+    task_weights = getattr(model, "task_weights", {})
+    summary = build_summary(
+        task_weights,
+        test_results,
+        timer.stats(),
+        trainer.global_step,
+        extra={
+            "task_name": cfg.get("task_name"),
+            "experiment": _hydra_choice("experiment"),
+            "weighting": _hydra_choice("weighting")
+            or ("gradnorm" if "gradnorm" in (cfg.get("callbacks") or {}) else None),
+            "tags": list(cfg.get("tags") or []),
+            "seed": cfg.get("seed"),
+            "output_dir": str(out_dir),
+            "files": files,
+        },
+    )
+    if trainer.is_global_zero:
+        json_path, txt_path = write_summary(summary, out_dir)
+        files.update(summary_json=str(json_path), summary_txt=str(txt_path))
+        log.info("Summary (%s):\n%s", txt_path, format_summary(summary))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Console entry point ``gradnorm-train``; takes Hydra overrides on the command line.
+
+    Args:
+        cfg: The config Hydra composed from ``configs/train.yaml`` and the overrides.
+    """
+    log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The shipped Hydra configs compose, instantiate and validate as documented."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from gradnorm_lightning import GradNormCallback, GradNormMixin
+from gradnorm_lightning.train import instantiate_callbacks, instantiate_loggers
+from tests.conftest import CONFIG_DIR, EXPERIMENTS, ComposeFn, compose_train_config
+
+
+def _gradnorm_callbacks(cfg: DictConfig) -> list[GradNormCallback]:
+    return [cb for cb in instantiate_callbacks(cfg.callbacks) if isinstance(cb, GradNormCallback)]
+
+
+def test_binding_experiment_files_exist() -> None:
+    names = {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")}
+    assert set(EXPERIMENTS) <= names
+
+
+def test_default_is_paper_toy_with_paper_alpha() -> None:
+    cfg = compose_train_config()
+    assert cfg.hydra.runtime.choices.experiment == "paper_toy"
+    assert cfg.hydra.runtime.choices.weighting == "gradnorm"
+    assert cfg.callbacks.gradnorm.alpha == pytest.approx(0.12)
+    assert cfg.data._target_.endswith("PaperToyDataModule")
+    assert cfg.model.optimizer._partial_ is True
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(compose_cfg: ComposeFn, experiment: str) -> None:
+    cfg = compose_cfg(f"experiment={experiment}")
+    assert cfg.task_name == experiment
+    for key in cfg:  # every interpolation outside Hydra's own node resolves
+        if key != "hydra" and OmegaConf.is_config(cfg[key]):
+            OmegaConf.to_container(cfg[key], resolve=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    assert isinstance(datamodule, L.LightningDataModule)
+    assert isinstance(model, GradNormMixin) and isinstance(model, L.LightningModule)
+    (gradnorm,) = _gradnorm_callbacks(cfg)
+    assert gradnorm.alpha == pytest.approx(cfg.callbacks.gradnorm.alpha)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_loggers(cfg.logger))
+    assert isinstance(trainer, L.Trainer)
+
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    losses = model.task_losses(batch)
+    assert tuple(losses) == tuple(model.task_names)
+    assert all(math.isfinite(float(v)) for v in losses.values())
+
+
+def test_alpha_override_reaches_the_callback(compose_cfg: ComposeFn) -> None:
+    cfg = compose_cfg("callbacks.gradnorm.alpha=0.5")
+    (gradnorm,) = _gradnorm_callbacks(cfg)
+    assert gradnorm.alpha == 0.5
+
+
+def test_mmoe_uses_the_keras_setup(compose_cfg: ComposeFn) -> None:
+    cfg = compose_cfg("experiment=mmoe_recsys")
+    (gradnorm,) = _gradnorm_callbacks(cfg)
+    assert gradnorm.initial_losses == pytest.approx(math.log(2))
+    assert gradnorm.optimizer == "adam"
+    assert gradnorm.lr == pytest.approx(1e-2)
+    assert gradnorm.lr_decay_rate == pytest.approx(0.75)
+    assert gradnorm.lr_decay_steps == 100
+
+
+def test_gradnorm_yaml_lists_every_callback_argument() -> None:
+    cfg = compose_train_config()
+    params = set(inspect.signature(GradNormCallback.__init__).parameters) - {"self"}
+    assert set(cfg.callbacks.gradnorm) - {"_target_"} == params
+    text = (CONFIG_DIR / "callbacks" / "gradnorm.yaml").read_text()
+    for name in params:  # every argument carries a comment right above it
+        lines = text.splitlines()
+        (index,) = [i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:")]
+        assert lines[index - 1].strip().startswith("#"), name
+
+
+def test_yaml_defaults_match_the_callback_signature() -> None:
+    cfg = compose_train_config(["experiment=paper_toy"])
+    block = OmegaConf.to_container(cfg.callbacks.gradnorm)
+    assert isinstance(block, dict)
+    for name, param in inspect.signature(GradNormCallback.__init__).parameters.items():
+        if name in ("self", "alpha", "lr", "optimizer"):  # the experiment sets these
+            continue
+        default = param.default
+        value = block[name]
+        if isinstance(default, tuple):
+            default = list(default)
+        assert value == default, name
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("callbacks.gradnorm.alpha=-1", "callbacks.gradnorm"),
+        ("callbacks.gradnorm.optimizer=rmsprop", "callbacks.gradnorm"),
+        ("callbacks.gradnorm.lr=0", "callbacks.gradnorm"),
+    ],
+    ids=["negative-alpha", "unknown-optimizer", "zero-lr"],
+)
+def test_bad_gradnorm_argument_names_the_full_key(
+    compose_cfg: ComposeFn, override: str, match: str
+) -> None:
+    cfg = compose_cfg(override)
+    with pytest.raises(InstantiationException, match=match):
+        instantiate_callbacks(cfg.callbacks)
+
+
+def test_other_weighting_drops_the_gradnorm_callback(compose_cfg: ComposeFn) -> None:
+    cfg = compose_cfg("~weighting")
+    assert "_target_" not in cfg.callbacks.get("gradnorm", {})
+    assert _gradnorm_callbacks(cfg) == []
+
+
+def test_callbacks_can_be_removed_with_null(compose_cfg: ComposeFn) -> None:
+    cfg = compose_cfg("callbacks.gradnorm=null")
+    assert _gradnorm_callbacks(cfg) == []
+
+
+def test_non_callback_entry_is_rejected() -> None:
+    cfg = OmegaConf.create({"x": {"_target_": "builtins.dict"}})
+    with pytest.raises(TypeError, match="Lightning callbacks"):
+        instantiate_callbacks(cfg)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer=cpu",
+        "trainer=gpu",
+        "trainer=ddp",
+        "logger=tensorboard",
+        "logger=csv_tensorboard",
+        "debug=fdr",
+        "debug=overfit",
+        "callbacks=none",
+    ],
+)
+def test_group_options_compose(override: str) -> None:
+    cfg = compose_train_config([override])
+    OmegaConf.resolve(cfg.trainer)
+    assert cfg.trainer._target_ == "lightning.pytorch.trainer.Trainer"
+
+
+def test_cpu_trainer_and_loggers_instantiate(compose_cfg: ComposeFn, tmp_path: Path) -> None:
+    cfg = compose_cfg("trainer=cpu", "logger=csv_tensorboard")
+    loggers = instantiate_loggers(cfg.logger)
+    assert [type(lg).__name__ for lg in loggers] == ["CSVLogger", "TensorBoardLogger"]
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers)
+    assert trainer.max_steps == 3
+    assert Path(trainer.default_root_dir) == tmp_path

@@ -1,0 +1,101 @@
+"""`train(cfg)` and the `python -m gradnorm_lightning.train` entry point, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradnorm_lightning.train import train
+from tests.conftest import EXPERIMENTS, ComposeFn
+
+
+def _assert_finite_tasks(summary: dict[str, object], expected_tasks: int) -> None:
+    tasks = summary["tasks"]
+    assert isinstance(tasks, dict) and len(tasks) == expected_tasks
+    for name, row in tasks.items():
+        assert math.isfinite(row["final_weight"]) and row["final_weight"] > 0, name
+        assert math.isfinite(row["test_loss"]), name
+        if row["test_metric"] is not None:
+            assert math.isfinite(row["test_metric"]), name
+
+
+@pytest.mark.parametrize(("experiment", "num_tasks"), zip(EXPERIMENTS, (10, 3, 4), strict=True))
+def test_experiment_runs_and_writes_outputs(
+    compose_cfg: ComposeFn, tmp_path: Path, experiment: str, num_tasks: int
+) -> None:
+    cfg = compose_cfg(f"experiment={experiment}", steps=3)
+    summary = train(cfg)
+
+    assert summary["total_steps"] == 3
+    assert summary["timed_steps"] == 3 and summary["time_per_step_ms"] > 0
+    assert summary["experiment"] == experiment and summary["weighting"] == "gradnorm"
+    _assert_finite_tasks(summary, num_tasks)
+    weights = [row["final_weight"] for row in summary["tasks"].values()]
+    assert sum(weights) == pytest.approx(num_tasks, rel=1e-4)  # GradNorm keeps sum w = T
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["tasks"] == summary["tasks"]
+    table = (tmp_path / "summary.txt").read_text()
+    assert all(name in table for name in summary["tasks"])
+    assert (tmp_path / "gradnorm.png").stat().st_size > 0
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    first_task = next(iter(summary["tasks"]))
+    for key in ("weight", "grad_norm", "inverse_rate", "loss_ratio"):
+        assert f"gradnorm/{key}/{first_task}" in header
+
+
+def test_run_without_gradnorm_keeps_equal_weights(compose_cfg: ComposeFn, tmp_path: Path) -> None:
+    cfg = compose_cfg("experiment=mmoe_recsys", "~weighting", steps=2)
+    summary = train(cfg)
+    assert [row["final_weight"] for row in summary["tasks"].values()] == [1.0, 1.0, 1.0]
+    assert (tmp_path / "gradnorm.png").exists()  # training losses are still plotted
+
+
+def test_too_few_steps_to_log_still_writes_the_summary(
+    compose_cfg: ComposeFn, tmp_path: Path
+) -> None:
+    cfg = compose_cfg("experiment=digits_multitask", steps=2)
+    cfg.trainer.log_every_n_steps = 50
+    summary = train(cfg)
+    assert "figure" not in summary["files"]
+    assert not (tmp_path / "gradnorm.png").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["total_steps"] == 2
+
+
+def test_module_entry_point_runs_from_an_unrelated_folder(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("GRADNORM_LOG_DIR", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradnorm_lightning.train",
+            "experiment=paper_toy",
+            "trainer.max_steps=5",
+            "trainer.log_every_n_steps=1",
+            "data.num_train=512",
+            "data.num_val=64",
+            "data.num_test=256",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "logs" / "paper_toy" / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["total_steps"] == 5
+    _assert_finite_tasks(summary, 10)
+    assert (run_dir / "gradnorm.png").exists()
+    assert (run_dir / "summary.txt").exists()
+    assert (run_dir / "csv" / "metrics.csv").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
