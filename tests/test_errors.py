@@ -181,7 +181,6 @@ def test_task_not_reaching_shared_layer_callback():
     assert model.steps_run == 1  # detected at the very first backward
 
 
-@pytest.mark.xfail(strict=True, reason="see /work/bugs/issue6-constant-finite-loss-silently-absent.md")
 @pytest.mark.parametrize("mode", ["auto", "autograd"])
 def test_constant_finite_loss_task_error(mode):
     """A finite loss with no graph (computed under no_grad, detached, ...) cannot depend on the
@@ -346,3 +345,21 @@ def test_checkpoint_with_other_tasks_callback(tmp_path):
     model = Other({})
     with pytest.raises(ValueError, match=r"differ from this model's \['a', 'b', 'x'\]"):
         make_trainer(4, [GradNormCallback()]).fit(model, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_initial_losses_wrong_length_callback_refused_at_setup():
+    model = Tiny()
+    with pytest.raises(ValueError, match="3 values for 2 tasks"):
+        _fit(model, cb=GradNormCallback(initial_losses=[0.5, 0.6, 0.7]))
+    assert model.steps_run == 0
+
+
+@pytest.mark.xfail(strict=True, reason="see /work/bugs/issue6-no-task-loss-message.md")
+def test_no_task_at_all_message_names_the_fix():
+    """A batch with no labelled task at all: the error must say how to skip such a batch."""
+    gn = GradNorm(nn.Linear(2, 2), task_names=["a", "b"])
+    with pytest.raises(ValueError, match=r"No task loss given.*return None"):
+        gn.combine({})
+    model = Tiny()  # the mixin without a callback (equal weighting) must say the same
+    with pytest.raises(ValueError, match=r"No task loss given.*return None"):
+        model.combine_task_losses({})

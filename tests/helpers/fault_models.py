@@ -133,8 +133,15 @@ class FaultModule(GradNormMixin, L.LightningModule):
         seed: int = 0,
         views: bool = False,
         declare: bool = True,
+        per_call: bool = False,
+        crash_where: str = "start",
     ):
         super().__init__()
+        self.crash_where = crash_where  # "start", "after_forward" or "after_backward" of training_step
+        # per_call: data and faults keyed by the training_step call (micro-batch) count instead
+        # of the optimizer step (gradient accumulation runs several calls per step)
+        self.per_call = per_call
+        self.calls = 0
         if not declare:
             self.task_names = None
         self.views = views
@@ -147,16 +154,26 @@ class FaultModule(GradNormMixin, L.LightningModule):
         return self.net.shared
 
     def training_step(self, batch: object, batch_idx: int) -> Tensor:
-        step = self.global_step
-        if self.crash_at is not None and step == self.crash_at:
+        step = self.calls if self.per_call else self.global_step
+        self.calls += 1
+        if self._crash_now("start"):
             raise RuntimeError(f"injected crash at step {step}")
         x, y = make_data(step)
         if self.views:  # each head reads its own alias of the representation
             raw = self.net.losses(x, y, self.task_views(self.net.rep(x)))
         else:
             raw = self.net.losses(x, y)
+        if self._crash_now("after_forward"):
+            raise RuntimeError(f"injected crash at step {step}")
         losses = apply_faults(raw, self.faults.get(step, {}))
         return self.combine_task_losses(losses)
+
+    def _crash_now(self, where: str) -> bool:
+        return self.crash_at is not None and self.global_step == self.crash_at and self.crash_where == where
+
+    def on_after_backward(self) -> None:
+        if self._crash_now("after_backward"):
+            raise RuntimeError(f"injected crash at step {self.global_step}")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.model_lr)
