@@ -117,8 +117,6 @@ class _Pending:
     linear: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     param_grads: Tensor | None = None
     rep_sq_norms: Tensor | None = None
-    #: 0-dim bool: some task was absent in some backward pass of this step
-    incomplete: Tensor | None = None
     backwards: int = 0
 
     def add_param_grads(self, grads: Tensor) -> None:

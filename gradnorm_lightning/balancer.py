@@ -512,8 +512,6 @@ class GradNorm:
         pending.loss_sum += torch.where(present, scale * record.values.to(self.dtype), 0.0)
         pending.loss_weight += torch.where(present, scale, 0.0)
         pending.present |= present
-        gap = ~present.all()
-        pending.incomplete = gap if pending.incomplete is None else pending.incomplete | gap
         pending.backwards += 1
         if not self._measure_norms:
             return
@@ -693,7 +691,6 @@ class GradNorm:
             "loss": objective,
             "skipped": self.skipped,
             "present": present,
-            "incomplete": pending.incomplete if pending.incomplete is not None else ~present.all(),
             "applied": ok,
         }
 

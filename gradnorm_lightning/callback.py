@@ -97,7 +97,7 @@ class _WeightingCallback(Callback):
         if not stepped:
             return
         if self.sanitize_grads:
-            _zero_nonfinite_grads(pl_module, balancer.last_stats["incomplete"])
+            _zero_nonfinite_grads(pl_module)
         if self.log and (trainer._logger_connector.should_update_logs or bool(getattr(trainer, "fast_dev_run", False))):
             pl_module.log_dict(self._metrics(balancer), on_step=True, on_epoch=False)
 
@@ -160,10 +160,11 @@ class GradNormCallback(_WeightingCallback):
         mode: ``"auto"``, ``"autograd"`` or ``"representation"`` (see :class:`GradNorm`).
         distributed: ``"exact"`` or ``"approx"`` (see :class:`GradNorm`).
         log: log the statistics to the Trainer's logger.
-        sanitize_grads: on a step where some task's loss was not finite (in any micro-batch of
-            an accumulation window), zero the model's non-finite gradient entries that its
-            backward left (``0 * inf`` in the absent task's graph), so an absent task cannot
-            corrupt the model. Costs one elementwise pass over the gradients per step.
+        sanitize_grads: zero the model's non-finite gradient entries before its optimizer step.
+            An absent task (non-finite loss) can leave them through ``0 * inf`` in its own
+            backward; without this they would reach the parameters. Costs one in-place
+            elementwise pass over the gradients per step. Under fp16 AMP the GradScaler has
+            already recorded the overflow by then, so its skip logic is unaffected.
 
     Raises:
         TypeError: for arguments of the wrong type; in ``setup``, for a module without the mixin.
@@ -248,9 +249,13 @@ def _scaler_state(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> tupl
     return scale, found
 
 
-def _zero_nonfinite_grads(module: torch.nn.Module, flag: Tensor) -> None:
-    """Where ``flag`` holds, replace non-finite gradient entries by zero (device-side)."""
+def _zero_nonfinite_grads(module: torch.nn.Module) -> None:
+    """Replace non-finite gradient entries by zero, in place (one kernel per gradient).
+
+    Unconditional rather than gated on "some task was absent" because a gated version costs
+    several kernels per gradient every step; the gradients it changes were non-finite, so
+    the optimizer step would have written NaN/Inf into the parameters.
+    """
     for p in module.parameters():
-        g = p.grad
-        if g is not None:
-            g.copy_(torch.where(flag & ~torch.isfinite(g), torch.zeros((), dtype=g.dtype, device=g.device), g))
+        if p.grad is not None:
+            p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
