@@ -52,6 +52,10 @@ class Tiny(GradNormMixin, L.LightningModule):
     def shared_layer(self):
         if self.shared_kind == "relu":
             return nn.ReLU()
+        if self.shared_kind == "unused":  # a layer the forward never calls
+            if not hasattr(self, "_unused"):
+                self._unused = nn.Linear(4, 4)
+            return self._unused
         if self.shared_kind == "frozen":
             for p in self.shared.parameters():
                 p.requires_grad_(False)
@@ -363,3 +367,22 @@ def test_no_task_at_all_message_names_the_fix():
     model = Tiny()  # the mixin without a callback (equal weighting) must say the same
     with pytest.raises(ValueError, match=r"No task loss given.*return None"):
         model.combine_task_losses({})
+
+
+@pytest.mark.parametrize("mode", ["auto", "representation", "autograd"])
+def test_shared_layer_not_in_the_forward_balancer(mode):
+    gn, inp, shared, heads, x = _plain(mode=mode)
+    other = nn.Linear(4, 4)
+    gn = GradNorm(other, 2, mode=mode)  # not the layer the forward uses
+    z = shared(inp(x))
+    losses = [heads[0](z).mean(), heads[1](z).mean()]
+    with pytest.raises(ValueError, match=r"(was not called in the forward pass|does not depend on the shared layer)"):
+        gn.combine(losses).backward()
+    assert torch.equal(gn.weights, torch.ones(2))
+
+
+def test_shared_layer_not_in_the_forward_callback():
+    model = Tiny(shared="unused")
+    with pytest.raises(ValueError, match=r"shared layer \(Linear\) was not called in the forward pass"):
+        _fit(model)
+    assert model.steps_run == 1

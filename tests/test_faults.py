@@ -146,6 +146,7 @@ def test_nan_times_loss_leak_is_sanitized(sanitize):
         ("fresh", "start"),
         ("fresh-undeclared-names", "start"),
         ("same-objects", "start"),
+        ("fresh-accumulate-2", "after_backward"),
         ("same-objects", "after_forward"),
         pytest.param(
             "same-objects", "after_backward",
@@ -161,13 +162,14 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, variant, crash_where)
     declare = variant != "fresh-undeclared-names"
 
     ref_model = FaultModule(faults, declare=declare)
+    tkw = dict(accumulate_grad_batches=2) if "accumulate" in variant else {}
     ref_cb = GradNormCallback(**kw)
-    make_trainer(steps, [ref_cb]).fit(ref_model)
+    make_trainer(steps, [ref_cb], **tkw).fit(ref_model)
 
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True, save_top_k=-1)
     crash_model = FaultModule(faults, crash_at=crash_at, declare=declare, crash_where=crash_where)
     crash_cb = GradNormCallback(**kw)
-    trainer = make_trainer(steps, [crash_cb, ckpt], enable_checkpointing=True)
+    trainer = make_trainer(steps, [crash_cb, ckpt], enable_checkpointing=True, **tkw)
     with pytest.raises(RuntimeError, match="injected crash"):
         trainer.fit(crash_model)
     assert trainer.global_step == crash_at
@@ -180,7 +182,7 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, variant, crash_where)
     else:  # different init: everything must come from the checkpoint
         resumed_model = FaultModule(faults, seed=123, declare=declare)
         resumed_cb = GradNormCallback(**kw)
-    trainer2 = make_trainer(steps, [resumed_cb])
+    trainer2 = make_trainer(steps, [resumed_cb], **tkw)
     trainer2.fit(resumed_model, ckpt_path=str(last))
     assert trainer2.global_step == steps
 

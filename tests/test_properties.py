@@ -34,7 +34,7 @@ from gradnorm_lightning.functional import (
 )
 
 F64 = torch.float64
-SETTINGS = settings(max_examples=60, deadline=None)
+SETTINGS = settings(max_examples=40, deadline=None)
 
 pos = st.floats(min_value=1e-3, max_value=1e3, allow_nan=False, allow_infinity=False)
 alphas = st.floats(min_value=0.0, max_value=3.0)
