@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers.fault_models import FaultModule, make_trainer
+from helpers.fault_models import FaultModule, make_data, make_trainer
 
 from gradnorm_lightning import GradNorm, GradNormCallback, GradNormMixin
 
@@ -358,7 +358,7 @@ def test_initial_losses_wrong_length_callback_refused_at_setup():
     assert model.steps_run == 0
 
 
-@pytest.mark.xfail(strict=True, reason="see /work/bugs/issue6-no-task-loss-message.md")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="see /work/bugs/issue6-no-task-loss-message.md")
 def test_no_task_at_all_message_names_the_fix():
     """A batch with no labelled task at all: the error must say how to skip such a batch."""
     gn = GradNorm(nn.Linear(2, 2), task_names=["a", "b"])
@@ -385,4 +385,23 @@ def test_shared_layer_not_in_the_forward_callback():
     model = Tiny(shared="unused")
     with pytest.raises(ValueError, match=r"shared layer \(Linear\) was not called in the forward pass"):
         _fit(model)
+    assert model.steps_run == 1
+
+
+class _Bypass(FaultModule):
+    """Returns the plain sum of the task losses: combine_task_losses is never called."""
+
+    def training_step(self, batch, batch_idx):
+        self.steps_run = getattr(self, "steps_run", 0) + 1
+        x, y = make_data(self.global_step)
+        return sum(self.net.losses(x, y).values())
+
+
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="see /work/bugs/issue6-combine-never-called-silent.md")
+def test_training_step_not_using_combine_task_losses():
+    """The optimizer steps on a loss that never went through combine_task_losses: GradNorm would
+    silently do nothing (weights stay 1); it must say so at the first step."""
+    model = _Bypass({})
+    with pytest.raises(ValueError, match="combine_task_losses"):
+        _fit(model, steps=3)
     assert model.steps_run == 1
