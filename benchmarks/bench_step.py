@@ -18,7 +18,9 @@ last shared layer is ``Linear(4096, 256)``):
 2. **Timing**: one process, ``torch.set_num_threads(1)``, every method has its own copy of
    the same model; methods are interleaved round-robin (one step of each method per round,
    the starting method rotating every round) so machine noise hits all of them equally.
-   The reported figure is the median over ``--steps`` rounds after ``--warmup`` rounds.
+   The reported figure is the median over ``--steps`` rounds after ``--warmup`` rounds,
+   of the wall-clock time (``perf_counter``) and of this thread's CPU time
+   (``thread_time``, which excludes time the process was descheduled by other load).
 3. **Extra peak memory**: each method's step is run under ``torch.profiler`` with
    ``profile_memory=True``; the CPU allocator's allocation/free events are replayed in time
    order and the peak of the running sum (bytes allocated during the step above the level
@@ -949,7 +951,7 @@ def run_workload(wl: Workload, steps: int, warmup: int, check_steps: int, lightn
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--steps", type=int, default=50, help="timed interleaved rounds (>= 30)")
+    parser.add_argument("--steps", type=int, default=60, help="timed interleaved rounds (>= 30)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
     parser.add_argument("--workload", choices=["toy", "conv", "all"], default="all")
     parser.add_argument("--check-steps", type=int, default=50, help="float64 trajectory-check steps")
