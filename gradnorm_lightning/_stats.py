@@ -125,12 +125,16 @@ class _Pending:
     def add_rep_sq_norms(self, sq: Tensor) -> None:
         self.rep_sq_norms = sq if self.rep_sq_norms is None else self.rep_sq_norms + sq
 
+    def _linear_blocks(self) -> tuple[Tensor, Tensor]:
+        """All backward passes' layer inputs and output gradients, stacked along the rows."""
+        if len(self.linear) == 1:
+            return self.linear[0]
+        return torch.cat([r for r, _ in self.linear], dim=0), torch.cat([g for _, g in self.linear], dim=1)
+
     def local_sq_norms(self) -> Tensor:
         """Squared norms of the accumulated per-task W-gradients (this process only)."""
         if self.linear:
-            rows = torch.cat([r for r, _ in self.linear], dim=0)
-            grads = torch.cat([g for _, g in self.linear], dim=1)
-            return _linear_sq_norms(rows, grads)
+            return _linear_sq_norms(*self._linear_blocks())
         if self.param_grads is not None:
             return self.param_grads.pow(2).sum(dim=1)
         if self.rep_sq_norms is None:  # norms not measured (a baseline that does not need them)
@@ -140,7 +144,5 @@ class _Pending:
     def local_param_grads(self) -> Tensor | None:
         """The accumulated per-task gradients ``(T, P)``, or None in representation mode."""
         if self.linear:
-            rows = torch.cat([r for r, _ in self.linear], dim=0)
-            grads = torch.cat([g for _, g in self.linear], dim=1)
-            return _linear_param_grads(rows, grads)
+            return _linear_param_grads(*self._linear_blocks())
         return self.param_grads

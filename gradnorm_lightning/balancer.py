@@ -6,6 +6,7 @@ the benchmarks use it directly.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,6 +50,11 @@ _STATE_TENSORS: tuple[str, ...] = (
     "skipped",
     "skipped_updates",
 )
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without a call into torch when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _StepRecord:
@@ -297,6 +303,7 @@ class GradNorm:
         self.skipped_updates = torch.zeros((), dtype=self.dtype, device=dev)
         self._fixed_initial = fixed.to(dev)
         self._fixed_mask = fixed_mask.to(dev)
+        self._all_fixed = bool(fixed_mask.all())  # host-side: built from Python values
         self._init_extra_state(num_tasks)
 
     def _init_extra_state(self, num_tasks: int) -> None:
@@ -472,7 +479,7 @@ class GradNorm:
         present = torch.isfinite(values)
         safe = torch.where(present, values, torch.zeros_like(values))
         weights = self.weights.detach().clone()
-        combined = (weights.to(safe.dtype) * safe).sum()
+        combined = (_as(weights, safe.dtype) * safe).sum()
 
         captures, self._captures = self._captures, []
         views, self._views = self._views, None
@@ -505,12 +512,13 @@ class GradNorm:
 
     def _on_backward(self, record: _StepRecord, scale: Tensor) -> None:
         """Hook on the combined loss: runs first in its backward, while the graph is alive."""
-        scale = scale.detach().reshape(()).to(self.dtype)
+        scale = _as(scale.detach().reshape(()), self.dtype)
         record.scale = scale
         pending = self._pending_for(record)
         present = record.present
-        pending.loss_sum += torch.where(present, scale * record.values.to(self.dtype), 0.0)
-        pending.loss_weight += torch.where(present, scale, 0.0)
+        weight = present * scale
+        pending.loss_sum += torch.where(present, _as(record.values, self.dtype), 0.0) * weight
+        pending.loss_weight += weight
         pending.present |= present
         pending.backwards += 1
         if not self._measure_norms:
@@ -527,11 +535,11 @@ class GradNorm:
                 grads.append(torch.zeros(z.shape, dtype=self.dtype, device=z.device))
                 continue
             (g,) = torch.autograd.grad(
-                loss, z, grad_outputs=scale.to(loss.dtype), retain_graph=True, allow_unused=True
+                loss, z, grad_outputs=_as(scale, loss.dtype), retain_graph=True, allow_unused=True
             )
             if g is None:
                 raise ValueError(self._unreached_message(name))
-            grads.append(g.to(self.dtype))
+            grads.append(_as(g, self.dtype))
         self._add_output_grads(pending, record, torch.stack(grads), z)
 
     def _on_views_backward(self, record: _StepRecord, grads: Sequence[Tensor | None]) -> None:
@@ -540,7 +548,7 @@ class GradNorm:
             return
         base = record.views[0] if record.views is not None else None
         assert base is not None  # set together with the hook
-        weights = record.weights.to(self.dtype)
+        weights = _as(record.weights, self.dtype)
         stacked = []
         for i, (name, g) in enumerate(zip(self.task_names, grads)):
             if g is None:
@@ -551,7 +559,7 @@ class GradNorm:
                     )
                 stacked.append(torch.zeros(base.shape, dtype=self.dtype, device=base.device))
             else:
-                stacked.append(g.to(self.dtype) / weights[i])
+                stacked.append(_as(g, self.dtype) / weights[i])
         rep_grads = torch.stack(stacked)
         if self.mode == "representation":
             self._add_output_grads(self._pending, record, rep_grads, base)
@@ -559,9 +567,9 @@ class GradNorm:
         z = record.capture.output
         if base is not z:
             (rep_grads,) = torch.autograd.grad(
-                base, z, grad_outputs=rep_grads.to(base.dtype), retain_graph=True, is_grads_batched=True
+                base, z, grad_outputs=_as(rep_grads, base.dtype), retain_graph=True, is_grads_batched=True
             )
-            rep_grads = rep_grads.to(self.dtype)
+            rep_grads = _as(rep_grads, self.dtype)
         self._add_output_grads(self._pending, record, rep_grads, z)
 
     def _add_output_grads(self, pending: _Pending, record: _StepRecord, grads: Tensor, z: Tensor) -> None:
@@ -584,7 +592,7 @@ class GradNorm:
                 rows.append(torch.zeros(size, dtype=self.dtype, device=scale.device))
                 continue
             outs = torch.autograd.grad(
-                loss, self._params, grad_outputs=scale.to(loss.dtype), retain_graph=True, allow_unused=True
+                loss, self._params, grad_outputs=_as(scale, loss.dtype), retain_graph=True, allow_unused=True
             )
             if all(g is None for g in outs):
                 raise ValueError(self._unreached_message(name))
@@ -624,12 +632,14 @@ class GradNorm:
         dist.all_reduce(buf)
         return (buf[:n] / world).pow(2), buf[n : 2 * n], buf[2 * n :]
 
-    def current_lr(self) -> Tensor:
-        """The weight optimizer's learning rate for the next update (a 0-dim tensor)."""
+    def current_lr(self) -> Tensor | float:
+        """The weight optimizer's learning rate for the next update (a 0-dim tensor when it decays)."""
+        if self.lr_decay_rate == 1.0:
+            return self.lr
         exponent = self.num_updates / self.lr_decay_steps
         if self.lr_staircase:
             exponent = torch.floor(exponent)
-        return self.lr * torch.pow(torch.tensor(self.lr_decay_rate, dtype=self.dtype, device=exponent.device), exponent)
+        return self.lr * torch.exp(exponent * math.log(self.lr_decay_rate))
 
     @torch.no_grad()
     def step(self, grad_scale: Tensor | float | None = None, found_inf: Tensor | None = None) -> None:
@@ -652,7 +662,8 @@ class GradNorm:
         self.steps += 1
         sq_norms, loss_sum, loss_weight = self._reduced_statistics(pending)
         present = loss_weight > 0
-        losses = loss_sum / torch.where(present, loss_weight, torch.ones_like(loss_weight))
+        # absent tasks have loss_sum == 0, so the clamp only guards the division
+        losses = loss_sum / loss_weight.clamp_min(torch.finfo(self.dtype).tiny)
         if grad_scale is not None:
             if isinstance(grad_scale, Tensor):
                 grad_scale = grad_scale.to(device=sq_norms.device, dtype=self.dtype)
@@ -660,11 +671,13 @@ class GradNorm:
         norms = sq_norms.sqrt()
 
         # L(0): measured over the first `initial_loss_steps` present steps, or fixed.
-        collecting = present & (self.initial_loss_count < self.initial_loss_steps)
-        init_count = self.initial_loss_count + collecting.to(self.dtype)
-        init_sum = self.initial_loss_sum + torch.where(collecting, losses, 0.0)
-        measured = init_sum / init_count.clamp_min(1)
-        initial = torch.where(self._fixed_mask, self._fixed_initial, measured)
+        if self._all_fixed:
+            init_sum, init_count, initial = self.initial_loss_sum, self.initial_loss_count, self._fixed_initial
+        else:
+            collecting = present & (self.initial_loss_count < self.initial_loss_steps)
+            init_count = self.initial_loss_count + collecting
+            init_sum = self.initial_loss_sum + torch.where(collecting, losses, 0.0)
+            initial = torch.where(self._fixed_mask, self._fixed_initial, init_sum / init_count.clamp_min(1))
 
         weights = self.weights
         new_weights, objective, ratios, rates, valid, moments = self._propose(weights, norms, losses, initial, present)
@@ -674,15 +687,17 @@ class GradNorm:
         upd = ok & present  # per task: the tasks whose optimizer state moves this step
 
         self.weights = torch.where(ok, new_weights, weights)
-        self.exp_avg = torch.where(upd, moments[0], self.exp_avg)
-        self.exp_avg_sq = torch.where(upd, moments[1], self.exp_avg_sq)
-        self.adam_steps = torch.where(upd, moments[2], self.adam_steps)
-        self.initial_loss_sum = torch.where(ok, init_sum, self.initial_loss_sum)
-        self.initial_loss_count = torch.where(ok, init_count, self.initial_loss_count)
+        if moments[0] is not self.exp_avg:  # Adam: its moments move for the updated tasks only
+            self.exp_avg = torch.where(upd, moments[0], self.exp_avg)
+            self.exp_avg_sq = torch.where(upd, moments[1], self.exp_avg_sq)
+            self.adam_steps = torch.where(upd, moments[2], self.adam_steps)
+        if not self._all_fixed:
+            self.initial_loss_sum = torch.where(ok, init_sum, self.initial_loss_sum)
+            self.initial_loss_count = torch.where(ok, init_count, self.initial_loss_count)
         self._commit_extra_state(ok, present, losses)
-        self.num_updates = self.num_updates + ok.to(self.dtype)
-        self.skipped = self.skipped + (~present).to(self.dtype)
-        self.skipped_updates = self.skipped_updates + (~ok).to(self.dtype)
+        self.num_updates = self.num_updates + ok
+        self.skipped = self.skipped + ~present
+        self.skipped_updates = self.skipped_updates + ~ok
         self.last_stats = {
             "weights": self.weights,
             "grad_norms": norms,
