@@ -44,7 +44,7 @@ def _one_thread() -> object:
 @pytest.mark.parametrize("make", [bench.toy_workload, bench.conv_workload], ids=["toy", "conv"])
 def test_every_row_follows_its_textbook_trajectory(make: object) -> None:
     wl = make(tiny=True)  # type: ignore[operator]
-    results = bench.check_trajectories(wl, steps=12, keys=_keys(), verbose=False)
+    results = bench.check_trajectories(wl, steps=8, keys=_keys(), verbose=False)
     by_key = {r.key: r for r in results}
     expected = {k for k in _keys() if k != "plain"}
     assert set(by_key) == expected
