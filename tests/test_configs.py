@@ -117,9 +117,21 @@ def test_bad_gradnorm_argument_names_the_full_key(
         instantiate_callbacks(cfg.callbacks)
 
 
-def test_other_weighting_drops_the_gradnorm_callback(compose_cfg: ComposeFn) -> None:
-    cfg = compose_cfg("~weighting")
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_other_weighting_drops_the_gradnorm_callback(
+    compose_cfg: ComposeFn, experiment: str
+) -> None:
+    # The experiment's callbacks.gradnorm settings stay behind without a `_target_` and
+    # are skipped; the equal-weighting callback replaces GradNorm's.
+    cfg = compose_cfg(f"experiment={experiment}", "weighting=equal")
     assert "_target_" not in cfg.callbacks.get("gradnorm", {})
+    callbacks = instantiate_callbacks(cfg.callbacks)
+    assert not any(isinstance(cb, GradNormCallback) for cb in callbacks)
+    assert "EqualWeightingCallback" in {type(cb).__name__ for cb in callbacks}
+
+
+def test_no_weighting_at_all(compose_cfg: ComposeFn) -> None:
+    cfg = compose_cfg("~weighting")
     assert _gradnorm_callbacks(cfg) == []
 
 

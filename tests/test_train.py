@@ -50,8 +50,11 @@ def test_experiment_runs_and_writes_outputs(
         assert f"gradnorm/{key}/{first_task}" in header
 
 
-def test_run_without_gradnorm_keeps_equal_weights(compose_cfg: ComposeFn, tmp_path: Path) -> None:
-    cfg = compose_cfg("experiment=mmoe_recsys", "~weighting", steps=2)
+@pytest.mark.parametrize("weighting", ["~weighting", "weighting=equal"])
+def test_run_without_gradnorm_keeps_equal_weights(
+    compose_cfg: ComposeFn, tmp_path: Path, weighting: str
+) -> None:
+    cfg = compose_cfg("experiment=mmoe_recsys", weighting, steps=2)
     summary = train(cfg)
     assert [row["final_weight"] for row in summary["tasks"].values()] == [1.0, 1.0, 1.0]
     assert (tmp_path / "gradnorm.png").exists()  # training losses are still plotted
@@ -99,3 +102,11 @@ def test_module_entry_point_runs_from_an_unrelated_folder(tmp_path: Path) -> Non
     assert (run_dir / "summary.txt").exists()
     assert (run_dir / "csv" / "metrics.csv").exists()
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_fast_dev_run_debug_preset(compose_cfg: ComposeFn, tmp_path: Path) -> None:
+    cfg = compose_cfg("experiment=digits_multitask", "debug=fdr")
+    summary = train(cfg)
+    assert summary["total_steps"] == 1
+    _assert_finite_tasks(summary, 4)
+    assert not (tmp_path / "gradnorm.png").exists()  # fast_dev_run disables the loggers

@@ -1,0 +1,1 @@
+"""Hydra configs of ``gradnorm-train`` (a package so Hydra can find them when installed)."""
