@@ -39,6 +39,11 @@ __all__ = ["GradNorm", "LossesLike"]
 
 LossesLike = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
+# Captured forwards kept between two `combine` calls: more than one means layer reuse or
+# forwards that never reached `combine` (then the exact autograd path is used); bounded so
+# that such forwards cannot pile up.
+_MAX_CAPTURES = 4
+
 _STATE_TENSORS: tuple[str, ...] = (
     "weights",
     "initial_loss_sum",
@@ -50,6 +55,13 @@ _STATE_TENSORS: tuple[str, ...] = (
     "skipped",
     "skipped_updates",
 )
+
+
+def _no_task_message(names: Sequence[str]) -> str:
+    return (
+        f"No task loss given; the tasks are {list(names)}. To skip a batch in which no task has "
+        "labels, return None from `training_step` (plain PyTorch: skip the backward and the steps)."
+    )
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -242,7 +254,7 @@ class GradNorm:
         self._pending: _Pending | None = None
         self.steps = 0
         self.last_stats: dict[str, Tensor] = {}
-        self._hook = shared_layer.register_forward_hook(_ForwardHook(self))
+        self._hook: Any = shared_layer.register_forward_hook(_ForwardHook(self))
         if names is not None:
             self._init_tasks(names)
 
@@ -362,12 +374,30 @@ class GradNorm:
         self.steps = int(state["steps"])
 
     def remove_hooks(self) -> None:
-        """Detach the balancer from the shared layer (its forward hook)."""
-        self._hook.remove()
+        """Detach the balancer from the shared layer (its forward hook) and drop its records."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.reset_pending()
+
+    def attach_hooks(self) -> None:
+        """Re-attach the forward hook to the shared layer (after :meth:`remove_hooks`)."""
+        if self._hook is None:
+            self._hook = self.shared_layer.register_forward_hook(_ForwardHook(self))
+
+    def reset_pending(self) -> None:
+        """Forget what forward and backward passes recorded since the last :meth:`step`.
+
+        Call it after an exception between a forward and :meth:`step`, or to discard an
+        accumulation window; the callback does so when a fit starts or fails.
+        """
+        self._pending, self._record, self._views, self._captures = None, None, None, []
 
     # ------------------------------------------------------------------ forward side
     def _capture_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
+            if len(self._captures) >= _MAX_CAPTURES:  # forwards that never reached `combine`
+                del self._captures[0]
             self._captures.append(_Capture(tuple(i for i in inputs if isinstance(i, Tensor)), output))
 
     @torch.compiler.disable
@@ -432,7 +462,7 @@ class GradNorm:
             if not loss.is_floating_point():
                 raise TypeError(f"The loss of task {name!r} must be floating point; got {loss.dtype}.")
         if all(loss is None for loss in items):
-            raise ValueError(f"No task loss given; the tasks are {list(self.task_names)}.")
+            raise ValueError(_no_task_message(self.task_names))
         return items
 
     def combine(self, losses: LossesLike) -> Tensor:
@@ -561,9 +591,8 @@ class GradNorm:
             else:
                 stacked.append(_as(g, self.dtype) / weights[i])
         rep_grads = torch.stack(stacked)
-        if self.mode == "representation":
-            self._add_output_grads(self._pending, record, rep_grads, base)
-            return
+        # Both modes work at the shared layer's output z: the W-norms need it, and
+        # "representation" means the same tensor whether or not the heads read views.
         z = record.capture.output
         if base is not z:
             (rep_grads,) = torch.autograd.grad(

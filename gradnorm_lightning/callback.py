@@ -63,6 +63,7 @@ class _WeightingCallback(Callback):
             if self.balancer is not None:
                 self.balancer.remove_hooks()
             self.balancer = self._make_balancer(layer, pl_module._declared_task_names())
+        self.balancer.attach_hooks()
         if self._loaded_state is not None:
             self.balancer.load_state_dict(self._loaded_state)
             self._loaded_state = None
@@ -82,7 +83,15 @@ class _WeightingCallback(Callback):
                 "`optimizer.step()` every k batches yourself."
             )
         if self.balancer is not None:
+            self.balancer.reset_pending()
             self.balancer.to(pl_module.device)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call `teardown` when `fit` raises: drop the failed step's records
+        # so that a retry with the same callback does not add them to its first step.
+        if self.balancer is not None:
+            self.balancer.reset_pending()
 
     @override
     def on_before_optimizer_step(
@@ -92,10 +101,13 @@ class _WeightingCallback(Callback):
         if balancer is None:
             return
         grad_scale, found_inf = _scaler_state(trainer, optimizer)
-        stepped = balancer._pending is not None
+        if balancer._pending is None:
+            raise ValueError(
+                "The optimizer is stepping on a loss that did not go through `combine_task_losses`; "
+                f"{type(self).__name__} has nothing to balance. Return `self.combine_task_losses(losses)` from "
+                "`training_step` (manual optimization: `self.manual_backward(self.combine_task_losses(losses))`)."
+            )
         balancer.step(grad_scale=grad_scale, found_inf=found_inf)
-        if not stepped:
-            return
         if self.sanitize_grads:
             _zero_nonfinite_grads(pl_module)
         if self.log and (trainer._logger_connector.should_update_logs or bool(getattr(trainer, "fast_dev_run", False))):
@@ -112,9 +124,9 @@ class _WeightingCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Off the layer between fits: a balancer that is not training records nothing.
         if self.balancer is not None:
-            self.balancer._pending = None
-            self.balancer._captures = []
+            self.balancer.remove_hooks()
 
     # ------------------------------------------------------------------ state
     @override

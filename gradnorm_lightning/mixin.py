@@ -109,6 +109,10 @@ class GradNormMixin:
             unknown = sorted(set(losses) - set(declared))
             if unknown:
                 raise ValueError(f"Unknown task(s) {unknown}: the declared tasks are {list(declared)}.")
+        if not losses:
+            from gradnorm_lightning.balancer import _no_task_message
+
+            raise ValueError(_no_task_message(list(declared or ())))
         values = [v.reshape(()) for v in losses.values()]
         stacked = torch.stack(values)
         return torch.where(torch.isfinite(stacked), stacked, torch.zeros_like(stacked)).sum()

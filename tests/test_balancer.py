@@ -248,3 +248,36 @@ def test_eval_combine_records_nothing() -> None:
     assert loss.ndim == 0
     gn.step()
     assert gn.steps == 0
+
+
+def test_representation_mode_is_the_same_with_and_without_views() -> None:
+    """Both read the per-task gradients at the shared layer's output."""
+    plain = run_balancer(1.5, 0.025, mode="representation")
+    views = run_balancer(1.5, 0.025, mode="representation", views=True)
+    torch.testing.assert_close(views, plain, rtol=0, atol=1e-12)
+
+
+def test_forwards_that_never_reach_combine_do_not_pile_up() -> None:
+    trunk, heads = make_multitask(0)
+    gn = GradNorm(trunk[2], num_tasks=3)
+    x, y = make_batches(3, 1)[0]
+    for _ in range(20):
+        trunk(x)  # e.g. an auxiliary forward with grad enabled whose output is dropped
+    assert len(gn._captures) <= 4
+    gn.reset_pending()
+    gn.combine(task_losses(heads, trunk(x), y)).backward()
+    gn.step()
+    assert gn.steps == 1
+
+
+def test_removed_hooks_record_nothing_and_reattach() -> None:
+    trunk, heads = make_multitask(0)
+    gn = GradNorm(trunk[2], num_tasks=3)
+    gn.remove_hooks()
+    x, y = make_batches(3, 1)[0]
+    trunk(x)
+    assert gn._captures == []
+    gn.attach_hooks()
+    gn.combine(task_losses(heads, trunk(x), y)).backward()
+    gn.step()
+    assert gn.steps == 1

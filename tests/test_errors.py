@@ -358,7 +358,6 @@ def test_initial_losses_wrong_length_callback_refused_at_setup():
     assert model.steps_run == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="see /work/bugs/issue6-no-task-loss-message.md")
 def test_no_task_at_all_message_names_the_fix():
     """A batch with no labelled task at all: the error must say how to skip such a batch."""
     gn = GradNorm(nn.Linear(2, 2), task_names=["a", "b"])
@@ -397,7 +396,6 @@ class _Bypass(FaultModule):
         return sum(self.net.losses(x, y).values())
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="see /work/bugs/issue6-combine-never-called-silent.md")
 def test_training_step_not_using_combine_task_losses():
     """The optimizer steps on a loss that never went through combine_task_losses: GradNorm would
     silently do nothing (weights stay 1); it must say so at the first step."""

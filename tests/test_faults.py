@@ -148,12 +148,7 @@ def test_nan_times_loss_leak_is_sanitized(sanitize):
         ("same-objects", "start"),
         ("fresh-accumulate-2", "after_backward"),
         ("same-objects", "after_forward"),
-        pytest.param(
-            "same-objects", "after_backward",
-            marks=pytest.mark.xfail(
-                strict=True, raises=AssertionError, reason="see /work/bugs/issue6-stale-pending-after-exception.md"
-            ),
-        ),
+        ("same-objects", "after_backward"),
     ],
 )
 def test_resume_after_crash_equals_uninterrupted(tmp_path, variant, crash_where):
