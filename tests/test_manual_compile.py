@@ -69,14 +69,9 @@ def test_manual_optimization_with_accumulation_is_refused() -> None:
         # Regression (bug issue4-compile-capture): a traced forward hook captured a side output
         # of the compiled graph that the loss does not depend on.
         pytest.param(GN, False, id="auto"),
-        pytest.param(
-            GN, True, id="auto-views",
-            marks=pytest.mark.xfail(
-                strict=True, raises=RuntimeError,
-                reason="see /work/bugs/issue4-compile-views-batched-grad.md: is_grads_batched VJP "
-                "through an inductor-compiled backward",
-            ),
-        ),
+        # Regression (bug issue4-compile-views-batched-grad): the is_grads_batched VJP from the
+        # views back to the shared layer's output ran vmap through an inductor-compiled backward.
+        pytest.param(GN, True, id="auto-views"),
         pytest.param({**GN, "mode": "representation"}, False, id="representation"),
         pytest.param({**GN, "mode": "autograd"}, False, id="autograd"),
     ],
