@@ -57,6 +57,18 @@ _STATE_TENSORS: tuple[str, ...] = (
 )
 
 
+def _vjp(output: Tensor, inp: Tensor, grads: Tensor) -> Tensor:
+    """Per-task VJPs ``(T, *inp.shape)`` of ``output`` w.r.t. ``inp``: batched, or a loop where
+    vmap cannot batch the backward (e.g. through an inductor-compiled segment)."""
+    try:
+        (out,) = torch.autograd.grad(output, inp, grad_outputs=grads, retain_graph=True, is_grads_batched=True)
+    except RuntimeError:
+        out = torch.stack([
+            torch.autograd.grad(output, inp, grad_outputs=g, retain_graph=True)[0] for g in grads
+        ])
+    return out
+
+
 def _no_task_message(names: Sequence[str]) -> str:
     return (
         f"No task loss given; the tasks are {list(names)}. To skip a batch in which no task has "
@@ -254,7 +266,8 @@ class GradNorm:
         self._pending: _Pending | None = None
         self.steps = 0
         self.last_stats: dict[str, Tensor] = {}
-        self._hook: Any = shared_layer.register_forward_hook(_ForwardHook(self))
+        self._hook: Any = None
+        self.attach_hooks()
         if names is not None:
             self._init_tasks(names)
 
@@ -382,7 +395,9 @@ class GradNorm:
 
     def attach_hooks(self) -> None:
         """Re-attach the forward hook to the shared layer (after :meth:`remove_hooks`)."""
-        if self._hook is None:
+        # mode="autograd" differentiates w.r.t. the parameters and needs no capture: no hook,
+        # so nothing breaks a torch.compile graph at the shared layer.
+        if self._hook is None and self.mode != "autograd" and self._measure_norms:
             self._hook = self.shared_layer.register_forward_hook(_ForwardHook(self))
 
     def reset_pending(self) -> None:
@@ -595,10 +610,7 @@ class GradNorm:
         # "representation" means the same tensor whether or not the heads read views.
         z = record.capture.output
         if base is not z:
-            (rep_grads,) = torch.autograd.grad(
-                base, z, grad_outputs=_as(rep_grads, base.dtype), retain_graph=True, is_grads_batched=True
-            )
-            rep_grads = _as(rep_grads, self.dtype)
+            rep_grads = _as(_vjp(base, z, _as(rep_grads, base.dtype)), self.dtype)
         self._add_output_grads(self._pending, record, rep_grads, z)
 
     def _add_output_grads(self, pending: _Pending, record: _StepRecord, grads: Tensor, z: Tensor) -> None:
@@ -779,5 +791,6 @@ class GradNorm:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._captures, self._views, self._record, self._pending = [], None, None, None
-        self._hook = self.shared_layer.register_forward_hook(_ForwardHook(self))
+        self._hook = None
+        self.attach_hooks()
 
