@@ -62,7 +62,7 @@ def _linear_sq_norms(rows: Tensor, grads: Tensor) -> Tensor:
         gram_g = torch.bmm(grads, grads.transpose(1, 2))
         return (gram_g * gram_h).sum(dim=(1, 2))
     full = torch.matmul(grads.transpose(1, 2), rows)
-    return full.pow(2).sum(dim=(1, 2))
+    return torch.linalg.vector_norm(full, dim=(1, 2)).square()
 
 
 def _linear_param_grads(rows: Tensor, grads: Tensor) -> Tensor:

@@ -81,6 +81,48 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+class _ViewsSlot:
+    """Links the views of one forward to the step record that `combine` creates later."""
+
+    __slots__ = ("balancer", "record")
+
+    def __init__(self, balancer: GradNorm) -> None:
+        self.balancer = balancer
+        self.record: _StepRecord | None = None
+
+
+class _FanOut(torch.autograd.Function):
+    """``T`` aliases of ``z`` whose backward sees every task's gradient at once (one node)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, slot: _ViewsSlot, num_tasks: int) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.slot = slot
+        ctx.set_materialize_grads(False)
+        return tuple(z.view_as(z) for _ in range(num_tasks))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        slot: _ViewsSlot = ctx.slot
+        record = slot.record
+        used = [g for g in grads if g is not None]
+        if not used:
+            return None, None, None
+        if record is not None:
+            for name, g, loss in zip(slot.balancer.task_names, grads, record.losses):
+                if g is None and loss is not None:
+                    raise ValueError(
+                        f"Task {name!r} has a loss but did not read its view from `task_views`; "
+                        "each head must read its own view."
+                    )
+        if len(used) == len(grads):
+            stacked = torch.stack(used)  # type: ignore[arg-type]
+        else:
+            stacked = torch.stack([g if g is not None else torch.zeros_like(used[0]) for g in grads])
+        if record is not None:
+            slot.balancer._on_views_backward(record, stacked)
+        return stacked.sum(dim=0), None, None
+
+
 class _StepRecord:
     """What :meth:`GradNorm.combine` leaves for the backward hooks of the same step."""
 
@@ -93,7 +135,7 @@ class _StepRecord:
         present: Tensor,
         weights: Tensor,
         capture: _Capture | None,
-        views: tuple[Tensor, tuple[Tensor, ...]] | None,
+        views: tuple[Tensor, tuple[Tensor, ...], _ViewsSlot] | None,
     ) -> None:
         self.losses = losses
         self.values = values
@@ -261,7 +303,7 @@ class GradNorm:
 
         self._task_names: tuple[str, ...] | None = None
         self._captures: list[_Capture] = []
-        self._views: tuple[Tensor, tuple[Tensor, ...]] | None = None
+        self._views: tuple[Tensor, tuple[Tensor, ...], _ViewsSlot] | None = None
         self._record: _StepRecord | None = None
         self._pending: _Pending | None = None
         self.steps = 0
@@ -430,9 +472,11 @@ class GradNorm:
         Returns:
             ``T`` views of ``z`` (plain views when gradients are off, e.g. in validation).
         """
-        views = tuple(z.view_as(z) for _ in range(self.num_tasks))
-        if torch.is_grad_enabled() and z.requires_grad:
-            self._views = (z, views)
+        if not (torch.is_grad_enabled() and z.requires_grad):
+            return tuple(z.view_as(z) for _ in range(self.num_tasks))
+        slot = _ViewsSlot(self)
+        views = _FanOut.apply(z, slot, self.num_tasks)
+        self._views = (z, views, slot)
         return views
 
     def _normalize_losses(self, losses: LossesLike) -> list[Tensor | None]:
@@ -542,9 +586,7 @@ class GradNorm:
         self._record = record
         combined.register_hook(lambda grad: self._on_backward(record, grad))
         if views is not None:
-            torch.autograd.graph.register_multi_grad_hook(
-                views[1], lambda grads: self._on_views_backward(record, grads)
-            )
+            views[2].record = record
         return combined
 
     # ------------------------------------------------------------------ backward side
@@ -587,25 +629,13 @@ class GradNorm:
             grads.append(_as(g, self.dtype))
         self._add_output_grads(pending, record, torch.stack(grads), z)
 
-    def _on_views_backward(self, record: _StepRecord, grads: Sequence[Tensor | None]) -> None:
-        """Multi-grad hook on the task views: the per-task gradients of this very backward."""
-        if self._pending is None or record.scale is None or record.capture is None:
+    def _on_views_backward(self, record: _StepRecord, grads: Tensor) -> None:
+        """Backward of the task views: ``grads`` ``(T, *z.shape)`` are ``c w_i dL_i/dz``."""
+        if self._pending is None or record.scale is None or record.capture is None or record.views is None:
             return
-        base = record.views[0] if record.views is not None else None
-        assert base is not None  # set together with the hook
+        base = record.views[0]
         weights = _as(record.weights, self.dtype)
-        stacked = []
-        for i, (name, g) in enumerate(zip(self.task_names, grads)):
-            if g is None:
-                if record.losses[i] is not None:
-                    raise ValueError(
-                        f"Task {name!r} has a loss but did not read its view from `task_views`; "
-                        "each head must read its own view."
-                    )
-                stacked.append(torch.zeros(base.shape, dtype=self.dtype, device=base.device))
-            else:
-                stacked.append(_as(g, self.dtype) / weights[i])
-        rep_grads = torch.stack(stacked)
+        rep_grads = _as(grads, self.dtype) / weights.reshape(-1, *([1] * base.dim()))
         # Both modes work at the shared layer's output z: the W-norms need it, and
         # "representation" means the same tensor whether or not the heads read views.
         z = record.capture.output
