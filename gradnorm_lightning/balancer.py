@@ -95,13 +95,13 @@ class _FanOut(torch.autograd.Function):
     """``T`` aliases of ``z`` whose backward sees every task's gradient at once (one node)."""
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, slot: _ViewsSlot, num_tasks: int) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor, slot: _ViewsSlot, num_tasks: int) -> tuple[Tensor, ...]:
         ctx.slot = slot
         ctx.set_materialize_grads(False)
         return tuple(z.view_as(z) for _ in range(num_tasks))
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None, None]:
         slot: _ViewsSlot = ctx.slot
         record = slot.record
         used = [g for g in grads if g is not None]
@@ -115,7 +115,7 @@ class _FanOut(torch.autograd.Function):
                         "each head must read its own view."
                     )
         if len(used) == len(grads):
-            stacked = torch.stack(used)  # type: ignore[arg-type]
+            stacked = torch.stack(used)
         else:
             stacked = torch.stack([g if g is not None else torch.zeros_like(used[0]) for g in grads])
         if record is not None:

@@ -110,3 +110,25 @@ def test_fast_dev_run_debug_preset(compose_cfg: ComposeFn, tmp_path: Path) -> No
     assert summary["total_steps"] == 1
     _assert_finite_tasks(summary, 4)
     assert not (tmp_path / "gradnorm.png").exists()  # fast_dev_run disables the loggers
+
+
+def test_console_script_finds_its_configs_from_an_unrelated_folder(tmp_path: Path) -> None:
+    # `gradnorm-train` calls main() from an imported module (not __main__), so Hydra looks
+    # the configs up as the package gradnorm_lightning.configs rather than by file path.
+    code = (
+        "import sys\n"
+        "from gradnorm_lightning.train import main\n"
+        "sys.argv = ['gradnorm-train', 'experiment=digits_multitask', '--cfg', 'job']\n"
+        "main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "task_name: digits_multitask" in proc.stdout
+    assert "_target_: gradnorm_lightning.GradNormCallback" in proc.stdout
