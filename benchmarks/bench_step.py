@@ -512,7 +512,7 @@ def method_factories(include_project: bool | None = None) -> list[tuple[str, Met
                 wl, m, views=True, name="gradnorm-lightning task_views")),
             ("gnl-representation", lambda wl, m: ProjectGradNorm(
                 wl, m, views=True, mode="representation",
-                name="gradnorm-lightning mode=representation + task_views", reference="rep_relu")),
+                name="gradnorm-lightning mode=representation + task_views", reference="rep")),
             ("gnl-representation-noviews", lambda wl, m: ProjectGradNorm(
                 wl, m, mode="representation", name="gradnorm-lightning mode=representation (losses list)",
                 reference="rep")),

@@ -26,6 +26,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger
@@ -120,7 +121,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Args:
         cfg: The composed config (``configs/train.yaml``): ``data``, ``model``, ``trainer``
             (each with a ``_target_``), ``callbacks`` and ``logger`` (dicts of such
-            entries), ``paths.output_dir``, ``seed``, and the flags ``test`` and ``plot``.
+            entries), ``paths.output_dir``, ``seed``, ``threads`` (torch intra-op threads, or
+            null), and the flags ``test`` and ``plot``.
 
     Returns:
         The summary (see :func:`gradnorm_lightning.summary.build_summary`) with the paths
@@ -131,6 +133,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             names its full key, e.g. ``callbacks.gradnorm``).
         TypeError: If ``callbacks`` or ``logger`` entries build the wrong kind of object.
     """
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
 
