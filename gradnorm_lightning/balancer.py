@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,8 @@ LossesLike = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 # forwards that never reached `combine` (then the exact autograd path is used); bounded so
 # that such forwards cannot pile up.
 _MAX_CAPTURES = 4
+# Graph nodes walked above the shared layer when looking for the heads' own backward nodes.
+_MAX_HEAD_NODES = 512
 
 _STATE_TENSORS: tuple[str, ...] = (
     "weights",
@@ -57,9 +59,28 @@ _STATE_TENSORS: tuple[str, ...] = (
 )
 
 
+# Backward nodes of elementwise functions y = f(x): their VJP is v * f'(x), so T of them cost
+# one backward with v = 1 and a broadcast product instead of a vmap.
+_ELEMENTWISE_NODES = frozenset({
+    "ReluBackward0", "GeluBackward0", "SiluBackward0", "TanhBackward0", "SigmoidBackward0",
+    "LeakyReluBackward0", "EluBackward0", "HardtanhBackward0", "MishBackward0", "SoftplusBackward0",
+    "HardswishBackward0", "HardsigmoidBackward0",
+})
+
+
 def _vjp(output: Tensor, inp: Tensor, grads: Tensor) -> Tensor:
-    """Per-task VJPs ``(T, *inp.shape)`` of ``output`` w.r.t. ``inp``: batched, or a loop where
+    """Per-task VJPs ``(T, *inp.shape)`` of ``output`` w.r.t. ``inp``: by the diagonal Jacobian
+    when ``output`` is an elementwise activation of ``inp``, else batched, else a loop where
     vmap cannot batch the backward (e.g. through an inductor-compiled segment)."""
+    node = output.grad_fn
+    if (
+        node is not None
+        and type(node).__name__ in _ELEMENTWISE_NODES
+        and output.shape == inp.shape
+        and node.next_functions[0][0] is inp.grad_fn
+    ):
+        (diag,) = torch.autograd.grad(output, inp, grad_outputs=torch.ones_like(output), retain_graph=True)
+        return grads * diag
     try:
         (out,) = torch.autograd.grad(output, inp, grad_outputs=grads, retain_graph=True, is_grads_batched=True)
     except RuntimeError:
@@ -126,7 +147,7 @@ class _FanOut(torch.autograd.Function):
 class _StepRecord:
     """What :meth:`GradNorm.combine` leaves for the backward hooks of the same step."""
 
-    __slots__ = ("capture", "losses", "present", "scale", "values", "views", "weights")
+    __slots__ = ("auto", "capture", "losses", "present", "scale", "values", "views", "weights")
 
     def __init__(
         self,
@@ -144,6 +165,7 @@ class _StepRecord:
         self.capture = capture
         self.views = views
         self.scale: Tensor | None = None
+        self.auto = False  # per-task gradients captured from the heads' own backward nodes
 
 
 class _ForwardHook:
@@ -587,7 +609,98 @@ class GradNorm:
         combined.register_hook(lambda grad: self._on_backward(record, grad))
         if views is not None:
             views[2].record = record
+        elif capture is not None and self._measure_norms and self.mode != "autograd":
+            record.auto = self._hook_heads(record)
         return combined
+
+    def _hook_heads(self, record: _StepRecord) -> bool:
+        """Capture each task's gradient from its own head's backward node (automatic views).
+
+        Walks each task's graph down to the shared layer's output. When every task reaches
+        the shared part through exactly one edge, and all tasks through the same edge into the
+        same shared node (the shared layer's output itself or an elementwise activation of
+        it), a hook on each task's node records that task's gradient during the model's own
+        backward and a pre-hook on the shared node turns them into the statistics: no extra
+        backward pass. Returns False (the per-task ``autograd.grad`` path is used) otherwise.
+        """
+        assert record.capture is not None  # checked by the caller
+        z = record.capture.output
+        z_node = z.grad_fn
+        if z_node is None:
+            return False
+        graphs: list[tuple[int, set[Any]]] = []
+        counts: dict[Any, int] = {}
+        budget = _MAX_HEAD_NODES
+        for i, loss in enumerate(record.losses):
+            if loss is None:
+                continue
+            seen: set[Any] = set()
+            stack = [loss.grad_fn]
+            while stack:
+                node = stack.pop()
+                if node is None or node in seen:
+                    continue
+                seen.add(node)
+                budget -= 1
+                if budget < 0:
+                    return False  # a big graph above the shared layer: not a plain multi-head model
+                if node is not z_node:
+                    stack.extend(nxt for nxt, _ in node.next_functions)
+            if z_node not in seen:
+                return False  # the autograd path raises the clear error
+            graphs.append((i, seen))
+            for node in seen:
+                counts[node] = counts.get(node, 0) + 1
+        if len(graphs) < 2:
+            return False
+        edges: list[tuple[int, Any, int]] = []
+        shared_edge: tuple[Any, int] | None = None
+        for i, seen in graphs:
+            found = [
+                (node, k, nxt, nr)
+                for node in seen
+                if counts[node] == 1 and node is not z_node
+                for k, (nxt, nr) in enumerate(node.next_functions)
+                if nxt is not None and (counts.get(nxt, 0) > 1 or nxt is z_node)
+            ]
+            if len(found) != 1:
+                return False
+            node, k, nxt, nr = found[0]
+            if shared_edge is None:
+                shared_edge = (nxt, nr)
+            elif shared_edge != (nxt, nr):
+                return False
+            edges.append((i, node, k))
+        assert shared_edge is not None
+        shared = shared_edge[0]
+        if shared is not z_node and not (
+            type(shared).__name__ in _ELEMENTWISE_NODES and shared.next_functions[0][0] is z_node
+        ):
+            return False
+        grads: list[Tensor | None] = [None] * self.num_tasks
+
+        def keep(i: int, k: int) -> Callable[[Any, Any], None]:
+            def hook(grad_inputs: Any, grad_outputs: Any) -> None:
+                grads[i] = grad_inputs[k]
+            return hook
+
+        for i, node, k in edges:
+            node.register_hook(keep(i, k))
+        shared.register_prehook(lambda grad_outputs: self._on_heads_backward(record, grads, shared, z))
+        return True
+
+    def _on_heads_backward(self, record: _StepRecord, grads: list[Tensor | None], shared: Any, z: Tensor) -> None:
+        """Pre-hook of the shared node: every head's gradient has arrived (``c w_i dL_i/d.``)."""
+        if self._pending is None or record.scale is None:
+            return
+        ref = next(g for g in grads if g is not None)
+        stacked = torch.stack([g if g is not None else torch.zeros_like(ref) for g in grads])
+        if shared is not z.grad_fn:  # an elementwise activation: its derivative, once
+            stacked = stacked * shared(torch.ones_like(ref))
+        weights = _as(record.weights, self.dtype)
+        self._add_output_grads(
+            self._pending, record, _as(stacked, self.dtype) / weights.reshape(-1, *([1] * ref.dim())), z
+        )
 
     # ------------------------------------------------------------------ backward side
     def _pending_for(self, record: _StepRecord) -> _Pending:
@@ -610,8 +723,8 @@ class GradNorm:
         pending.backwards += 1
         if not self._measure_norms:
             return
-        if record.views is not None:
-            return  # the views' hook delivers the per-task gradients
+        if record.views is not None or record.auto:
+            return  # the views' or the heads' hooks deliver the per-task gradients  # the views' hook delivers the per-task gradients
         if self.mode == "autograd" or record.capture is None:
             pending.add_param_grads(self._autograd_param_grads(record, scale))
             return

@@ -281,3 +281,28 @@ def test_removed_hooks_record_nothing_and_reattach() -> None:
     gn.combine(task_losses(heads, trunk(x), y)).backward()
     gn.step()
     assert gn.steps == 1
+
+
+def test_default_path_captures_from_the_heads_when_the_graph_allows() -> None:
+    """Plain multi-head model: per-task gradients come from the heads' own backward nodes."""
+    trunk, heads = make_multitask(0)
+    gn = GradNorm(trunk[2], num_tasks=3)
+    x, y = make_batches(3, 1)[0]
+    gn.combine(task_losses(heads, trunk(x), y))
+    assert gn._record is not None and gn._record.auto
+
+
+def test_default_path_falls_back_exactly_when_a_head_reads_the_representation_twice() -> None:
+    trunk, heads = make_multitask(0)
+    gn = GradNorm(trunk[2], num_tasks=3, alpha=1.5, lr=0.025)
+    ref = TextbookGradNorm(list(trunk[2].parameters()), 3, 1.5, 0.025)
+    x, y = make_batches(3, 1)[0]
+    z = trunk(x)
+    losses = task_losses(heads, z, y)
+    losses[0] = losses[0] + z.pow(2).mean()  # task 0 reaches z through two edges
+    norms = ref.update(losses)
+    gn.combine(losses).backward()
+    assert gn._record is None or not getattr(gn._record, "auto", False)
+    gn.step()
+    torch.testing.assert_close(gn.last_stats["grad_norms"], norms, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gn.weights, ref.w.detach(), rtol=0, atol=1e-12)
