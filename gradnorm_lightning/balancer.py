@@ -90,6 +90,14 @@ def _vjp(output: Tensor, inp: Tensor, grads: Tensor) -> Tensor:
     return out
 
 
+def _node_weakrefable(node: Any) -> bool:
+    try:
+        weakref.ref(node)
+    except TypeError:
+        return False
+    return True
+
+
 def _no_task_message(names: Sequence[str]) -> str:
     return (
         f"No task loss given; the tasks are {list(names)}. To skip a batch in which no task has "
@@ -111,6 +119,10 @@ class _ViewsSlot:
         self.balancer = balancer
         self.record: _StepRecord | None = None
 
+    def remove(self) -> None:
+        """Unlink the record (it references the graph that references this slot)."""
+        self.record = None
+
 
 class _FanOut(torch.autograd.Function):
     """``T`` aliases of ``z`` whose backward sees every task's gradient at once (one node)."""
@@ -123,8 +135,11 @@ class _FanOut(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None, None]:
+        # Break the reference cycle node -> ctx -> slot -> record -> views -> node, which
+        # Python's collector cannot see through the C++ graph (the node may run again under
+        # retain_graph, so ctx keeps the slot; the slot drops the record).
         slot: _ViewsSlot = ctx.slot
-        record = slot.record
+        record, slot.record = slot.record, None
         used = [g for g in grads if g is not None]
         if not used:
             return None, None, None
@@ -259,7 +274,7 @@ class GradNorm:
         ...     loss.backward()
         ...     gn.step()
         ...     opt.step()
-        >>> float(gn.weights.sum())
+        >>> round(float(gn.weights.sum()), 5)
         3.0
     """
 
@@ -328,6 +343,10 @@ class GradNorm:
         self._views: tuple[Tensor, tuple[Tensor, ...], _ViewsSlot] | None = None
         self._record: _StepRecord | None = None
         self._pending: _Pending | None = None
+        # Hooks placed on this step's autograd nodes: removed once they ran (or at the next
+        # combine/step), since a hook that references the graph keeps it alive in a cycle
+        # through C++ that Python's collector cannot break.
+        self._graph_hooks: list[Any] = []
         self.steps = 0
         self.last_stats: dict[str, Tensor] = {}
         self._hook: Any = None
@@ -471,6 +490,12 @@ class GradNorm:
         accumulation window; the callback does so when a fit starts or fails.
         """
         self._pending, self._record, self._views, self._captures = None, None, None, []
+        self._remove_graph_hooks()
+
+    def _remove_graph_hooks(self) -> None:
+        for handle in self._graph_hooks:
+            handle.remove()
+        self._graph_hooks.clear()
 
     # ------------------------------------------------------------------ forward side
     def _capture_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -609,7 +634,13 @@ class GradNorm:
         combined.register_hook(lambda grad: self._on_backward(record, grad))
         if views is not None:
             views[2].record = record
-        elif capture is not None and self._measure_norms and self.mode != "autograd":
+            self._graph_hooks.append(views[2])
+        elif (
+            capture is not None
+            and self._measure_norms
+            and self.mode != "autograd"
+            and isinstance(self.shared_layer, nn.Linear)
+        ):
             record.auto = self._hook_heads(record)
         return combined
 
@@ -684,9 +715,18 @@ class GradNorm:
                 grads[i] = grad_inputs[k]
             return hook
 
+        handles = self._graph_hooks
         for i, node, k in edges:
-            node.register_hook(keep(i, k))
-        shared.register_prehook(lambda grad_outputs: self._on_heads_backward(record, grads, shared, z))
+            handles.append(node.register_hook(keep(i, k)))
+
+        def on_shared(grad_outputs: Any) -> None:
+            try:
+                self._on_heads_backward(record, grads, shared_ref(), z)
+            finally:
+                self._remove_graph_hooks()
+
+        shared_ref = weakref.ref(shared) if _node_weakrefable(shared) else (lambda: shared)
+        handles.append(shared.register_prehook(on_shared))
         return True
 
     def _on_heads_backward(self, record: _StepRecord, grads: list[Tensor | None], shared: Any, z: Tensor) -> None:
@@ -841,6 +881,7 @@ class GradNorm:
         """
         pending, self._pending = self._pending, None
         self._record = None
+        self._remove_graph_hooks()
         if pending is None:
             return
         self.steps += 1
@@ -927,13 +968,14 @@ class GradNorm:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_hook", "_captures", "_views", "_record", "_pending"):
+        for key in ("_hook", "_captures", "_views", "_record", "_pending", "_graph_hooks"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._captures, self._views, self._record, self._pending = [], None, None, None
+        self._graph_hooks = []
         self._hook = None
         self.attach_hooks()
 

@@ -306,3 +306,24 @@ def test_default_path_falls_back_exactly_when_a_head_reads_the_representation_tw
     gn.step()
     torch.testing.assert_close(gn.last_stats["grad_norms"], norms, rtol=0, atol=1e-12)
     torch.testing.assert_close(gn.weights, ref.w.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("views", "mode"), [(False, "auto"), (True, "auto"), (False, "autograd"), (False, "representation")])
+def test_a_step_leaves_no_graph_alive(views: bool, mode: str) -> None:
+    """Hooks on the step's graph must not keep it alive (a cycle through C++ never collected)."""
+    import gc
+    import weakref
+
+    trunk, heads = make_multitask(0)
+    gn = GradNorm(trunk[2], num_tasks=3, mode=mode)
+    refs = []
+    for x, y in make_batches(3, 3):
+        z = trunk(x)
+        refs.append(weakref.ref(z))
+        losses = task_losses(heads, gn.task_views(z) if views else z, y)
+        refs.append(weakref.ref(losses[0]))
+        gn.combine(losses).backward()
+        gn.step()
+        del z, losses
+    gc.collect()
+    assert all(r() is None for r in refs)

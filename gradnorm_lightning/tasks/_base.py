@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.wrappers import MultitaskWrapper
 
 from gradnorm_lightning import GradNormMixin
@@ -25,6 +26,63 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 """A partially applied LR scheduler class: ``factory(optimizer=...)``; stepped every training step."""
 
 Batch = tuple[Tensor, ...]
+
+
+class SplitDataModule(L.LightningDataModule):
+    """A DataModule over fixed ``train``/``val``/``test`` TensorDatasets built in ``setup``.
+
+    Subclasses set ``batch_size``, ``num_workers`` and fill ``_splits`` in an idempotent
+    ``setup``; the loaders are shared.
+    """
+
+    batch_size: int
+    num_workers: int
+    _splits: dict[str, TensorDataset]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build ``_splits`` once (subclasses implement it; must be idempotent).
+
+        Args:
+            stage: Lightning stage.
+
+        Raises:
+            NotImplementedError: unless overridden.
+        """
+        raise NotImplementedError
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader[tuple[Tensor, ...]]:
+        self.setup()
+        return DataLoader(
+            self._splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        """Shuffled training batches.
+
+        Returns:
+            The training DataLoader.
+        """
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        """Validation batches.
+
+        Returns:
+            The validation DataLoader.
+        """
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        """Test batches.
+
+        Returns:
+            The test DataLoader.
+        """
+        return self._loader("test", shuffle=False)
+
 
 
 class TaskOutputs(NamedTuple):

@@ -13,12 +13,11 @@ The losses have different kinds and scales, which is what GradNorm balances.
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 from torchmetrics.wrappers import MultitaskWrapper
@@ -28,6 +27,7 @@ from gradnorm_lightning.tasks._base import (
     MultiTaskModule,
     OptimizerFactory,
     SchedulerFactory,
+    SplitDataModule,
     TaskOutputs,
     _check_fraction,
     _check_positive_int,
@@ -38,7 +38,7 @@ __all__ = ["DIGITS_TASKS", "DigitsDataModule", "DigitsMultiTaskModel"]
 DIGITS_TASKS: tuple[str, ...] = ("digit", "parity", "ink", "recon")
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """scikit-learn digits split into train/val/test by a seeded permutation.
 
     Batches are ``(image, label, ink)``: ``image`` of shape ``(batch, 1, 8, 8)`` in [0, 1],
@@ -103,39 +103,6 @@ class DigitsDataModule(L.LightningDataModule):
         ink = (ink - train_ink.mean()) / train_ink.std()
         for name, idx in index.items():
             self._splits[name] = TensorDataset(images[idx], labels[idx], ink[idx])
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader[tuple[Tensor, ...]]:
-        self.setup()
-        return DataLoader(
-            self._splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Shuffled training batches.
-
-        Returns:
-            The training DataLoader.
-        """
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Validation batches.
-
-        Returns:
-            The validation DataLoader.
-        """
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Test batches.
-
-        Returns:
-            The test DataLoader.
-        """
-        return self._loader("test", shuffle=False)
 
 
 class DigitsMultiTaskModel(MultiTaskModule):

@@ -20,11 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.wrappers import MultitaskWrapper
 
@@ -33,6 +32,7 @@ from gradnorm_lightning.tasks._base import (
     MultiTaskModule,
     OptimizerFactory,
     SchedulerFactory,
+    SplitDataModule,
     TaskOutputs,
     _check_fraction,
     _check_positive_int,
@@ -135,7 +135,7 @@ def make_recsys_data(
     return splits
 
 
-class RecsysDataModule(L.LightningDataModule):
+class RecsysDataModule(SplitDataModule):
     """Fixed synthetic click/like/convert splits, generated from ``seed``.
 
     Batches are ``(x, y)`` with ``y`` of shape ``(batch, 3)``.
@@ -191,39 +191,6 @@ class RecsysDataModule(L.LightningDataModule):
         )
         for name, (x, y) in zip(("train", "val", "test"), splits, strict=True):
             self._splits[name] = TensorDataset(x, y)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader[tuple[Tensor, ...]]:
-        self.setup()
-        return DataLoader(
-            self._splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Shuffled training batches.
-
-        Returns:
-            The training DataLoader.
-        """
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Validation batches.
-
-        Returns:
-            The validation DataLoader.
-        """
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Test batches.
-
-        Returns:
-            The test DataLoader.
-        """
-        return self._loader("test", shuffle=False)
 
 
 class BatchedLinear(nn.Module):

@@ -24,17 +24,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from gradnorm_lightning.tasks._base import (
     Batch,
     MultiTaskModule,
     OptimizerFactory,
     SchedulerFactory,
+    SplitDataModule,
     TaskOutputs,
     _check_positive_int,
 )
@@ -132,7 +132,7 @@ def make_paper_toy_data(
     return splits
 
 
-class PaperToyDataModule(L.LightningDataModule):
+class PaperToyDataModule(SplitDataModule):
     """Fixed train/val/test sets of the paper's toy problem, generated from ``seed``.
 
     Batches are ``(x, y)`` with ``y`` of shape ``(batch, num_tasks, output_dim)``.
@@ -204,39 +204,6 @@ class PaperToyDataModule(L.LightningDataModule):
         )
         for name, (x, y) in zip(("train", "val", "test"), splits, strict=True):
             self._splits[name] = TensorDataset(x, y)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader[tuple[Tensor, ...]]:
-        self.setup()
-        return DataLoader(
-            self._splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Shuffled training batches.
-
-        Returns:
-            The training DataLoader.
-        """
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Validation batches.
-
-        Returns:
-            The validation DataLoader.
-        """
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Test batches.
-
-        Returns:
-            The test DataLoader.
-        """
-        return self._loader("test", shuffle=False)
 
 
 class PaperToyModel(MultiTaskModule):
