@@ -117,7 +117,6 @@ class _Pending:
     linear: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     param_grads: Tensor | None = None
     rep_sq_norms: Tensor | None = None
-    backwards: int = 0
 
     def add_param_grads(self, grads: Tensor) -> None:
         self.param_grads = grads if self.param_grads is None else self.param_grads + grads

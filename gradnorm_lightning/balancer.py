@@ -90,14 +90,6 @@ def _vjp(output: Tensor, inp: Tensor, grads: Tensor) -> Tensor:
     return out
 
 
-def _node_weakrefable(node: Any) -> bool:
-    try:
-        weakref.ref(node)
-    except TypeError:
-        return False
-    return True
-
-
 def _no_task_message(names: Sequence[str]) -> str:
     return (
         f"No task loss given; the tasks are {list(names)}. To skip a batch in which no task has "
@@ -721,11 +713,10 @@ class GradNorm:
 
         def on_shared(grad_outputs: Any) -> None:
             try:
-                self._on_heads_backward(record, grads, shared_ref(), z)
+                self._on_heads_backward(record, grads, shared, z)
             finally:
-                self._remove_graph_hooks()
+                self._remove_graph_hooks()  # drops this closure: no cycle through the node
 
-        shared_ref = weakref.ref(shared) if _node_weakrefable(shared) else (lambda: shared)
         handles.append(shared.register_prehook(on_shared))
         return True
 
@@ -760,7 +751,6 @@ class GradNorm:
         pending.loss_sum += torch.where(present, _as(record.values, self.dtype), 0.0) * weight
         pending.loss_weight += weight
         pending.present |= present
-        pending.backwards += 1
         if not self._measure_norms:
             return
         if record.views is not None or record.auto:
