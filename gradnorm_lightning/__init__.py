@@ -16,6 +16,7 @@ from gradnorm_lightning.functional import (
     renormalize_weights,
 )
 from gradnorm_lightning.mixin import GradNormMixin
+from gradnorm_lightning.nonfinite import zero_nonfinite_grads_
 from gradnorm_lightning.weighting import (
     DWACallback,
     DynamicWeightAverage,
@@ -39,5 +40,6 @@ __all__ = [
     "gradnorm_weight_grad",
     "inverse_training_rates",
     "renormalize_weights",
+    "zero_nonfinite_grads_",
 ]
 __version__ = "0.1.0"
