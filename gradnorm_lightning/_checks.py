@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -11,6 +11,7 @@ from torch import nn
 OPTIMIZERS = ("sgd", "adam")
 MODES = ("auto", "representation", "autograd")
 DISTRIBUTED_MODES = ("exact", "approx")
+WEIGHT_SPACES = ("linear", "log")
 
 
 def _check_alpha(alpha: Any) -> float:
@@ -21,14 +22,13 @@ def _check_alpha(alpha: Any) -> float:
     return float(alpha)
 
 
-def _check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> Any:
+def _check_positive(name: str, value: Any, *, integer: bool = False) -> Any:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         what = "an integer" if integer else "a number"
         raise TypeError(f"`{name}` must be {what}; got {value!r}.")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        rule = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be {rule}; got {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be > 0; got {value!r}.")
     return value
 
 
@@ -66,7 +66,7 @@ def _check_task_names(names: Any) -> tuple[str, ...]:
 
 def _check_initial_losses(value: Any) -> float | tuple[float, ...] | dict[str, float] | None:
     """Validate ``initial_losses`` (task names are checked once they are known)."""
-    if value is None or (isinstance(value, str) and value.lower() == "first"):
+    if value is None:
         return None
     if isinstance(value, bool):
         raise TypeError(f"`initial_losses` must be None, a number, a sequence or a mapping; got {value!r}.")
@@ -95,3 +95,33 @@ def _check_shared_layer(layer: Any, where: str = "`shared_layer`") -> nn.Module:
             "shared layer with weights, e.g. the last `nn.Linear` of the trunk."
         )
     return layer
+
+
+def _number(name: str) -> Callable[[Any], float]:
+    """A checker of a positive number option, returning it as a float."""
+    return lambda value: float(_check_positive(name, value))
+
+
+def _integer(name: str) -> Callable[[Any], int]:
+    """A checker of a positive integer option."""
+    return lambda value: int(_check_positive(name, value, integer=True))
+
+
+def _choice(name: str, choices: Sequence[str]) -> Callable[[Any], str]:
+    """A checker of a string option among ``choices`` (case-insensitive)."""
+    return lambda value: _check_choice(name, value, choices)
+
+
+def _flag(value: Any) -> bool:
+    return bool(value)
+
+
+def _real(name: str) -> Callable[[Any], float]:
+    """A checker of a finite real number option."""
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError(f"`{name}` must be a finite number; got {value!r}.")
+        return float(value)
+
+    return check

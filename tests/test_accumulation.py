@@ -62,6 +62,7 @@ def test_lightning_accumulation_equals_big_batch(gn_kwargs: dict, views: bool) -
 
 def _plain_run(batches, k: int, **gn_kwargs) -> tuple[torch.Tensor, GradNorm]:
     net = Net(seed=0, dtype=F64)
+    gn_kwargs.setdefault("optimizer", "sgd")
     gn = GradNorm(net.shared, num_tasks=3, **gn_kwargs)
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     out = []

@@ -38,7 +38,7 @@ def test_fit_follows_textbook_trajectory(alpha: float, views: bool) -> None:
     expected = textbook_trajectory(alpha, 0.025, STEPS)
     rec = Recorder()
     model = MultiTaskNet(views=views)
-    trainer(STEPS, callbacks=[GradNormCallback(alpha=alpha, lr=0.025), rec]).fit(model, loader(3, STEPS))
+    trainer(STEPS, callbacks=[GradNormCallback(alpha=alpha, lr=0.025, optimizer="sgd"), rec]).fit(model, loader(3, STEPS))
     torch.testing.assert_close(torch.stack(rec.weights), expected, rtol=0, atol=1e-10)
     assert list(model.task_weights) == ["t0", "t1", "t2"]
 
@@ -49,7 +49,7 @@ def test_float32_fit_of_paper_sized_toy_matches_float64_reference() -> None:
     expected = textbook_trajectory(0.12, 0.025, STEPS, num_tasks=10, dims=dims)
     rec = Recorder()
     model = MultiTaskNet(num_tasks=10, dtype=torch.float32, **dims)
-    trainer(STEPS, callbacks=[GradNormCallback(alpha=0.12, lr=0.025), rec]).fit(
+    trainer(STEPS, callbacks=[GradNormCallback(alpha=0.12, lr=0.025, optimizer="sgd"), rec]).fit(
         model, loader(10, STEPS, dtype=torch.float32, d_in=25, d_out=4)
     )
     got = torch.stack(rec.weights)
@@ -61,7 +61,7 @@ def test_float32_fit_of_paper_sized_toy_matches_float64_reference() -> None:
 def test_logged_keys_reach_csv_logger(tmp_path: Path) -> None:
     model = MultiTaskNet()
     logger = CSVLogger(tmp_path)
-    trainer(12, logger=logger, log_every_n_steps=4, callbacks=[GradNormCallback()]).fit(model, loader(3, 12))
+    trainer(12, logger=logger, log_every_n_steps=4, callbacks=[GradNormCallback(optimizer="sgd")]).fit(model, loader(3, 12))
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     keys = set(rows[0])
@@ -106,19 +106,19 @@ def test_checkpoint_round_trip_equals_uninterrupted_run(tmp_path: Path) -> None:
 
 def test_checkpoint_with_other_tasks_is_refused(tmp_path: Path) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer(3, enable_checkpointing=True, callbacks=[GradNormCallback(), ckpt]).fit(MultiTaskNet(), loader(3, 3))
+    trainer(3, enable_checkpointing=True, callbacks=[GradNormCallback(optimizer="sgd"), ckpt]).fit(MultiTaskNet(), loader(3, 3))
     other = MultiTaskNet(declare=True)
     other.names = other.task_names = ("a", "b", "c")  # same architecture, other tasks
     with pytest.raises(ValueError, match=r"checkpoint's GradNorm tasks \['t0', 't1', 't2'\] differ from this model's \['a', 'b', 'c'\]"):
-        trainer(6, callbacks=[GradNormCallback()]).fit(other, loader(3, 6), ckpt_path=str(tmp_path / "last.ckpt"))
+        trainer(6, callbacks=[GradNormCallback(optimizer="sgd")]).fit(other, loader(3, 6), ckpt_path=str(tmp_path / "last.ckpt"))
 
 
 def test_callback_pickles_and_keeps_state() -> None:
-    cb = GradNormCallback(alpha=0.5)
+    cb = GradNormCallback(alpha=0.5, optimizer="sgd")
     model = MultiTaskNet()
     trainer(3, callbacks=[cb]).fit(model, loader(3, 3))
     clone = pickle.loads(pickle.dumps(cb))
-    assert clone.alpha == 0.5
+    assert clone.alpha == 0.5 and clone.options["alpha"] == 0.5
     assert clone.balancer is not None
     assert torch.equal(clone.balancer.weights, cb.balancer.weights)  # type: ignore[union-attr]
 
@@ -160,7 +160,7 @@ class NoMixin(L.LightningModule):
 
 def test_module_without_mixin_is_refused() -> None:
     with pytest.raises(TypeError, match=r"needs a LightningModule that mixes in `GradNormMixin`.*class NoMixin\(GradNormMixin"):
-        trainer(1, callbacks=[GradNormCallback()]).fit(NoMixin(), loader(3, 1))
+        trainer(1, callbacks=[GradNormCallback(optimizer="sgd")]).fit(NoMixin(), loader(3, 1))
 
 
 def test_missing_shared_layer_is_refused() -> None:
@@ -168,7 +168,7 @@ def test_missing_shared_layer_is_refused() -> None:
         shared_layer = GradNormMixin.shared_layer
 
     with pytest.raises(NotImplementedError, match=r"must implement `shared_layer\(\)`"):
-        trainer(1, callbacks=[GradNormCallback()]).fit(NoLayer(), loader(3, 1))
+        trainer(1, callbacks=[GradNormCallback(optimizer="sgd")]).fit(NoLayer(), loader(3, 1))
 
 
 def test_shared_layer_without_parameters_is_refused() -> None:
@@ -177,16 +177,16 @@ def test_shared_layer_without_parameters_is_refused() -> None:
             return self.trunk[1]  # a ReLU
 
     with pytest.raises(ValueError, match=r"`shared_layer\(\)` \(ReLU\) has no trainable parameters"):
-        trainer(1, callbacks=[GradNormCallback()]).fit(Frozen(), loader(3, 1))
+        trainer(1, callbacks=[GradNormCallback(optimizer="sgd")]).fit(Frozen(), loader(3, 1))
 
 
 def test_two_callbacks_are_refused() -> None:
     # Lightning itself refuses two callbacks with one state key when the Trainer is built ...
     with pytest.raises(RuntimeError, match=r"more than one stateful callback of type `GradNormCallback`"):
-        trainer(1, callbacks=[GradNormCallback(), GradNormCallback()])
+        trainer(1, callbacks=[GradNormCallback(optimizer="sgd"), GradNormCallback(optimizer="sgd")])
     # ... and `setup` is the backstop for callbacks added afterwards.
-    t = trainer(1, callbacks=[GradNormCallback()])
-    t.callbacks.append(GradNormCallback())
+    t = trainer(1, callbacks=[GradNormCallback(optimizer="sgd")])
+    t.callbacks.append(GradNormCallback(optimizer="sgd"))
     with pytest.raises(ValueError, match=r"more than one loss-weighting callback \(GradNormCallback\); keep exactly one"):
         t.fit(MultiTaskNet(), loader(3, 1))
 
@@ -201,11 +201,11 @@ def test_two_optimizers_are_refused() -> None:
             return [torch.optim.SGD(self.trunk.parameters(), lr=0.1), torch.optim.SGD(self.heads.parameters(), lr=0.1)]
 
     with pytest.raises(ValueError, match=r"exactly one optimizer; the module configured 2"):
-        trainer(1, callbacks=[GradNormCallback()]).fit(TwoOpt(), loader(3, 1))
+        trainer(1, callbacks=[GradNormCallback(optimizer="sgd")]).fit(TwoOpt(), loader(3, 1))
 
 
 def test_balancer_is_reachable_and_plain() -> None:
-    cb = GradNormCallback()
+    cb = GradNormCallback(optimizer="sgd")
     model = MultiTaskNet()
     trainer(2, callbacks=[cb]).fit(model, loader(3, 2))
     assert isinstance(cb.balancer, GradNorm)

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 4
 GLOBAL_BATCH = 16
-GN = {"alpha": 1.5, "lr": 0.01}
+GN = {"alpha": 1.5, "lr": 0.01, "optimizer": "sgd"}
 
 
 def _strategy() -> DDPStrategy:

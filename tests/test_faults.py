@@ -37,7 +37,7 @@ T = len(TASKS)
 
 def _fit(faults, steps=STEPS, model_kw=None, **cb_kwargs):
     model = FaultModule(faults, **(model_kw or {}))
-    cb = GradNormCallback(alpha=ALPHA, lr=LR, **cb_kwargs)
+    cb = GradNormCallback(alpha=ALPHA, lr=LR, **{"optimizer": "sgd", **cb_kwargs})
     rec = WeightRecorder()
     trainer = make_trainer(steps, [cb, rec])
     trainer.fit(model)
@@ -274,7 +274,7 @@ def test_nan_leak_in_one_micro_batch_is_sanitized_under_accumulation():
     """Accumulation: task "a" is ``loss * nan`` in the first micro-batch of the window, present in
     the second. Its NaN reached the model's gradient all the same; sanitize_grads must remove it."""
     model = FaultModule({0: {"a": "nan_mul"}}, per_call=True)
-    cb = GradNormCallback(alpha=ALPHA, lr=LR)
+    cb = GradNormCallback(alpha=ALPHA, lr=LR, optimizer="sgd")
     make_trainer(2, [cb], accumulate_grad_batches=2).fit(model)
     assert model.calls == 4
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

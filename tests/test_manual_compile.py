@@ -21,7 +21,7 @@ from helpers.dist_models import MultiTask, Recorder, make_batches, make_trainer
 from gradnorm_lightning import GradNormCallback
 
 STEPS = 4
-GN = {"alpha": 1.5, "lr": 0.01}
+GN = {"alpha": 1.5, "lr": 0.01, "optimizer": "sgd"}
 
 
 def _fit(batches, gn_kwargs=None, **module_kwargs):

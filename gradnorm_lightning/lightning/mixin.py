@@ -27,6 +27,24 @@ class TaskBalancer(Protocol):
     def task_views(self, z: Tensor) -> tuple[Tensor, ...]: ...
 
 
+def _empty_loss(module: Any, like: Tensor | None) -> Tensor:
+    """The loss of a batch without any task: a zero that requires grad.
+
+    In one process it reaches no parameter (every gradient stays ``None`` and the optimizer
+    skips every parameter); under DDP every trainable parameter gets a zero gradient, so this
+    process still takes part in the gradient reduction.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+    if distributed and isinstance(module, nn.Module):
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params:
+            return torch.stack([p.sum() for p in params]).sum() * 0.0
+    if like is not None:
+        return like
+    return torch.zeros((), requires_grad=torch.is_grad_enabled())
+
+
 class GradNormMixin:
     """Mix into a ``LightningModule`` to let :class:`~gradnorm_lightning.GradNormCallback` balance its task losses.
 
@@ -40,7 +58,6 @@ class GradNormMixin:
     Example::
 
         >>> import lightning as L
-        >>> from torch import nn
         >>> class Net(GradNormMixin, L.LightningModule):
         ...     task_names = ("a", "b")
         ...     def __init__(self):
@@ -70,9 +87,12 @@ class GradNormMixin:
             "(e.g. `return self.trunk[-2]`)."
         )
 
-    # The balancer is attached by the callback; it is not a submodule (it holds no parameters
-    # of the model and its state is saved by the callback).
-    def _attach_balancer(self, balancer: TaskBalancer | None) -> None:
+    def attach_task_balancer(self, balancer: TaskBalancer | None) -> None:
+        """Use ``balancer``'s weights in :meth:`combine_task_losses` (the callback calls this).
+
+        The balancer is not a submodule: it holds no parameters of the model, and its state is
+        saved by the callback.
+        """
         object.__setattr__(self, "_task_balancer", balancer)
 
     @property
@@ -80,40 +100,42 @@ class GradNormMixin:
         """The weighting strategy attached by the callback, if any."""
         return getattr(self, "_task_balancer", None)
 
-    def _declared_task_names(self) -> tuple[str, ...] | None:
+    @property
+    def declared_task_names(self) -> tuple[str, ...] | None:
+        """The declared ``task_names`` as a tuple, or ``None``."""
         names = self.task_names
         return None if names is None else tuple(names)
 
-    def combine_task_losses(self, losses: Mapping[str, Tensor]) -> Tensor:
+    def combine_task_losses(self, losses: Mapping[str, Tensor | None]) -> Tensor:
         """The model loss ``sum_i w_i L_i`` for this step.
 
         Args:
             losses: task name to scalar loss. A task may be missing (no labels in the batch);
-                a non-finite loss counts as missing.
+                ``None``, a non-finite loss, or a NaN placeholder without a graph count as missing.
 
         Returns:
-            The weighted sum, a 0-dim tensor to return from ``training_step``.
+            The weighted sum, a 0-dim tensor to return from ``training_step``. For a batch in
+            which no task has a loss it is a zero whose backward changes no parameter (the
+            step is counted as empty and the weights are not updated).
 
         Raises:
             TypeError: if ``losses`` is not a mapping.
+            ValueError: for unknown task names, or an empty batch before the tasks are known.
         """
         if not isinstance(losses, Mapping):
-            raise TypeError(
-                f"`combine_task_losses` takes a dict of task name to loss; got {type(losses).__name__}."
-            )
+            raise TypeError(f"`combine_task_losses` takes a dict of task name to loss; got {type(losses).__name__}.")
         balancer = self.task_balancer
         if balancer is not None:
-            return balancer.combine(losses)
-        declared = self._declared_task_names()
+            combined = balancer.combine(losses)
+            return _empty_loss(self, combined) if combined.grad_fn is None and combined.requires_grad else combined
+        declared = self.declared_task_names
         if declared is not None:
             unknown = sorted(set(losses) - set(declared))
             if unknown:
                 raise ValueError(f"Unknown task(s) {unknown}: the declared tasks are {list(declared)}.")
-        if not losses:
-            from gradnorm_lightning.balancer import _no_task_message
-
-            raise ValueError(_no_task_message(list(declared or ())))
-        values = [v.reshape(()) for v in losses.values()]
+        values = [v.reshape(()) for v in losses.values() if v is not None]
+        if not values:
+            return _empty_loss(self, None)
         stacked = torch.stack(values)
         return torch.where(torch.isfinite(stacked), stacked, torch.zeros_like(stacked)).sum()
 
@@ -123,14 +145,13 @@ class GradNormMixin:
         balancer = self.task_balancer
         if balancer is not None and balancer.initialized:
             return dict(zip(balancer.task_names, balancer.weights.detach().unbind()))
-        declared = self._declared_task_names() or ()
-        return {name: torch.ones(()) for name in declared}
+        return {name: torch.ones(()) for name in self.declared_task_names or ()}
 
     def task_views(self, z: Tensor) -> dict[str, Tensor]:
         """One alias of the shared representation per task, keyed by task name.
 
         When each head reads only its own view, the per-task gradients GradNorm needs are
-        captured during the model's own backward, with no extra pass through the heads.
+        handed over during the model's own backward, with no extra pass through the heads.
 
         Args:
             z: the shared representation (the shared layer's output, or an activation of it).
@@ -144,11 +165,10 @@ class GradNormMixin:
         balancer = self.task_balancer
         if balancer is not None and balancer.initialized:
             return dict(zip(balancer.task_names, balancer.task_views(z)))
-        declared = self._declared_task_names()
+        declared = self.declared_task_names
         if declared is None:
             raise ValueError(
                 "`task_views` needs the task names before the first loss is seen: declare them as "
                 "`task_names = (...)` on the module."
             )
         return {name: z.view_as(z) for name in declared}
-

@@ -1,0 +1,519 @@
+"""The base of every loss-weighting strategy: tasks, state, ``combine`` and ``step``.
+
+A strategy is a :class:`Balancer` subclass that implements one method, :meth:`Balancer.propose`:
+given one optimizer step's :class:`StepInputs` it returns a :class:`Proposal` (new weights,
+which tasks' statistics were valid, its own objective, its own state). Everything else is
+here once: task names (fixed once), the state tensors (declared once, for ``to``,
+``state_dict`` and pickling), ``L(0)``, absent tasks, the combined loss, and the commit, which
+applies a proposal only when it is valid, on the device, without reading a value on the host.
+The per-task statistics come from a :class:`~gradnorm_lightning.capture.Recorder` handed in
+(or built from ``mode``/``distributed``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gradnorm_lightning import functional as F
+from gradnorm_lightning._checks import (
+    DISTRIBUTED_MODES,
+    MODES,
+    _check_initial_losses,
+    _check_positive,
+    _check_shared_layer,
+    _check_task_names,
+    _choice,
+    _flag,
+    _integer,
+)
+from gradnorm_lightning.balancers._losses import LossesLike, normalize_losses
+from gradnorm_lightning.capture import Recorder
+
+__all__ = ["Balancer", "Proposal", "StepInputs"]
+
+
+class StepInputs(NamedTuple):
+    """What a strategy sees of one optimizer step (all ``(T,)``, on the weights' device).
+
+    Attributes:
+        weights: the weights this step's model loss used.
+        grad_norms: ``n_i = ||grad_W L_i||`` (NaN when not measured).
+        losses: ``L_i(t)``, averaged over the step's backward passes (0 where absent).
+        initial_losses: ``L_i(0)`` (measured or fixed; 0 until measured).
+        present: the tasks that took part.
+        loss_ratios: ``L_i / L_i(0)``.
+        inverse_rates: ``r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0))`` over the present tasks.
+        num_updates: the updates applied so far (0-dim).
+    """
+
+    weights: Tensor
+    grad_norms: Tensor
+    losses: Tensor
+    initial_losses: Tensor
+    present: Tensor
+    loss_ratios: Tensor
+    inverse_rates: Tensor
+    num_updates: Tensor
+
+
+class Proposal(NamedTuple):
+    """A strategy's proposed update: applied only if every present task's statistics are valid.
+
+    Attributes:
+        weights: the proposed weights ``(T,)`` (absent tasks keep theirs).
+        valid: ``(T,)`` bool, per task: its statistics and proposal are usable (finite).
+        objective: the strategy's own loss (logged under its ``objective_key``), or ``None``.
+        state: new values of the strategy's own state tensors (by name), committed with the weights.
+    """
+
+    weights: Tensor
+    valid: Tensor
+    objective: Tensor | None = None
+    state: Mapping[str, Tensor] = {}
+
+
+_BASE_STATE = ("weights", "initial_loss_sum", "initial_loss_count", "num_updates", "skipped",
+               "skipped_updates", "empty_steps")
+# State added after the first release: a checkpoint without it starts it at zero.
+_OPTIONAL_STATE = frozenset({"empty_steps", "floor_steps", "jump_steps"})
+
+
+def own_arguments(frame: Mapping[str, Any], *skip: str) -> dict[str, Any]:
+    """A constructor's own keyword arguments, from its ``locals()``, without ``skip``."""
+    return {k: v for k, v in frame.items() if k not in skip and k != "self" and not k.startswith("__")}
+
+
+def _no_task_message(names: Sequence[str]) -> str:
+    return (
+        f"No task loss given and the task names are not known yet ({list(names)}): declare them "
+        "(`task_names=`, or the mixin's `task_names`) so that a batch without any label can be skipped."
+    )
+
+
+class Balancer:
+    """The base of the loss-weighting strategies (see the module docstring).
+
+    Args:
+        shared_layer: the last layer shared by all tasks.
+        num_tasks: number of tasks ``T`` (named ``task0``, ``task1``, ...).
+        task_names: the task names in weight order; alternative to ``num_tasks``. With
+            neither, the names come from the first dict of losses.
+        initial_losses: ``L(0)``: ``None`` to measure it (the mean over the first
+            ``initial_loss_steps`` steps each task is present in); a number, a sequence in task
+            order or a mapping by name fixes it (tasks a mapping leaves out are measured).
+        initial_loss_steps: how many steps a measured ``L(0)`` averages.
+        mode: how the per-task norms are measured: ``"auto"``, ``"autograd"`` or ``"representation"``.
+        distributed: ``"exact"`` or ``"approx"`` reduction over processes.
+        track_grad_norms: measure the per-task gradient norms (strategies that do not need
+            them may turn this off; then ``grad_norms`` are NaN).
+        recorder: a recorder to use instead of building one from ``mode``/``distributed``.
+
+    Raises:
+        TypeError: for arguments of the wrong type.
+        ValueError: for out-of-range arguments, fewer than two tasks, or a shared layer
+            without trainable parameters.
+    """
+
+    #: whether the strategy's update uses the gradient norms
+    needs_norms: ClassVar[bool] = True
+    # state tensors every strategy has (created by `initial_state` once the tasks are known)
+    weights: Tensor
+    initial_loss_sum: Tensor
+    initial_loss_count: Tensor
+    num_updates: Tensor
+    skipped: Tensor
+    skipped_updates: Tensor
+    empty_steps: Tensor
+    #: the log key of the strategy's objective (``None``: it has none)
+    objective_key: ClassVar[str | None] = None
+    #: option name -> checker returning the normalised value (each class adds its own)
+    _option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "initial_losses": _check_initial_losses,
+        "initial_loss_steps": _integer("initial_loss_steps"),
+        "mode": _choice("mode", MODES),
+        "distributed": _choice("distributed", DISTRIBUTED_MODES),
+        "track_grad_norms": _flag,
+    }
+
+    @classmethod
+    def check_options(cls, **options: Any) -> dict[str, Any]:
+        """Validate a strategy's options without building it (the callbacks use this).
+
+        Args:
+            options: keyword arguments of the strategy's constructor (without the layer,
+                the task names and the recorder).
+
+        Returns:
+            The options, normalised (e.g. ``optimizer="Adam"`` -> ``"adam"``).
+
+        Raises:
+            TypeError: for an unknown option or a value of the wrong type.
+            ValueError: for an out-of-range value.
+        """
+        checks: dict[str, Callable[[Any], Any]] = {}
+        for klass in reversed(cls.__mro__):
+            checks.update(vars(klass).get("_option_checks", {}))
+        unknown = sorted(set(options) - set(checks))
+        if unknown:
+            raise TypeError(f"{cls.__name__} got unexpected argument(s) {unknown}; its options are {sorted(checks)}.")
+        return {name: checks[name](value) for name, value in options.items()}
+
+    def __init__(
+        self,
+        shared_layer: nn.Module,
+        num_tasks: int | None = None,
+        *,
+        task_names: Sequence[str] | None = None,
+        initial_losses: float | Sequence[float] | Mapping[str, float] | None = None,
+        initial_loss_steps: int = 1,
+        mode: str = "auto",
+        distributed: str = "exact",
+        track_grad_norms: bool = True,
+        recorder: Recorder | None = None,
+    ) -> None:
+        self.shared_layer = _check_shared_layer(shared_layer)
+        base = self.check_options(
+            initial_losses=initial_losses, initial_loss_steps=initial_loss_steps, mode=mode,
+            distributed=distributed, track_grad_norms=track_grad_norms,
+        )
+        self.initial_losses = base["initial_losses"]
+        self.initial_loss_steps: int = base["initial_loss_steps"]
+        self.mode: str = base["mode"]
+        self.distributed: str = base["distributed"]
+        self.track_grad_norms: bool = base["track_grad_norms"]
+        params = [p for p in shared_layer.parameters() if p.requires_grad]
+        self.dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        self.device = params[0].device
+        self.recorder = recorder if recorder is not None else Recorder(
+            shared_layer, mode=self.mode, distributed=self.distributed,
+            measure_norms=self.needs_norms or self.track_grad_norms,
+        )
+        names: tuple[str, ...] | None = None
+        if task_names is not None:
+            names = _check_task_names(task_names)
+            if num_tasks is not None and num_tasks != len(names):
+                raise ValueError(f"`num_tasks` ({num_tasks}) does not match `task_names` ({len(names)} names).")
+        elif num_tasks is not None:
+            _check_positive("num_tasks", num_tasks, integer=True)
+            names = _check_task_names([f"task{i}" for i in range(num_tasks)])
+        if isinstance(self.initial_losses, tuple) and names is not None and len(self.initial_losses) != len(names):
+            raise ValueError(f"`initial_losses` has {len(self.initial_losses)} values for {len(names)} tasks.")
+        self._task_names: tuple[str, ...] | None = None
+        self._state_names: tuple[str, ...] = ()
+        self.steps = 0
+        self.last_stats: dict[str, Any] = {}
+        if names is not None:
+            self._init_tasks(names)
+
+    # ------------------------------------------------------------------ what a strategy adds
+    def initial_state(self, num_tasks: int) -> dict[str, Tensor]:
+        """The strategy's own state tensors, created when the task names are known.
+
+        Subclasses extend the dict (call ``super()``); every tensor in it moves with
+        :meth:`to`, is saved by :meth:`state_dict` and may be replaced through
+        :attr:`Proposal.state`. ``"weights"`` may be overridden (the default is ones).
+        """
+        return {}
+
+    def propose(self, inputs: StepInputs) -> Proposal:
+        """The strategy's update rule: the one method a strategy implements.
+
+        Args:
+            inputs: the step's statistics.
+
+        Returns:
+            The proposed weights, validity, objective and new state.
+        """
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The strategy's settings (for ``repr`` and logs)."""
+        return {"mode": self.mode}
+
+    # ------------------------------------------------------------------ tasks and state
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """The task names, in the order of :attr:`weights`."""
+        if self._task_names is None:
+            raise RuntimeError("The task names are not known yet: pass `task_names=`/`num_tasks=` or call `combine` first.")
+        return self._task_names
+
+    @property
+    def num_tasks(self) -> int:
+        """The number of tasks ``T``."""
+        return len(self.task_names)
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the task names (and so the state tensors) are known."""
+        return self._task_names is not None
+
+    def _init_tasks(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        num_tasks = len(names)
+        fixed = torch.zeros(num_tasks, dtype=self.dtype)
+        fixed_mask = torch.zeros(num_tasks, dtype=torch.bool)
+        init = self.initial_losses
+        if isinstance(init, float):
+            fixed.fill_(init)
+            fixed_mask.fill_(True)
+        elif isinstance(init, tuple):
+            if len(init) != num_tasks:
+                raise ValueError(f"`initial_losses` has {len(init)} values for {num_tasks} tasks {names!r}.")
+            fixed = torch.tensor(init, dtype=self.dtype)
+            fixed_mask.fill_(True)
+        elif isinstance(init, dict):
+            unknown = sorted(set(init) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"`initial_losses` names tasks the model does not have: {unknown}; the tasks are {list(names)}."
+                )
+            for i, name in enumerate(names):
+                if name in init:
+                    fixed[i] = init[name]
+                    fixed_mask[i] = True
+        self._task_names = names
+        dev = self.device
+        zeros = torch.zeros(num_tasks, dtype=self.dtype, device=dev)
+        scalar = torch.zeros((), dtype=self.dtype, device=dev)
+        state = {
+            "weights": torch.ones(num_tasks, dtype=self.dtype, device=dev),
+            "initial_loss_sum": zeros.clone(), "initial_loss_count": zeros.clone(),
+            "num_updates": scalar.clone(), "skipped": zeros.clone(),
+            "skipped_updates": scalar.clone(), "empty_steps": scalar.clone(),
+        }
+        state.update(self.initial_state(num_tasks))
+        for name, value in state.items():
+            setattr(self, name, value)
+        self._state_names = tuple(state)
+        self._fixed_initial = fixed.to(dev)
+        self._fixed_mask = fixed_mask.to(dev)
+        self._all_fixed = bool(fixed_mask.all())  # host-side: built from Python values
+        return names
+
+    def to(self, device: torch.device | str) -> Balancer:
+        """Move the state to ``device`` (the balancer also follows the losses by itself)."""
+        device = torch.device(device)
+        self.device = device
+        if self._task_names is not None:
+            for name in (*self._state_names, "_fixed_initial", "_fixed_mask"):
+                setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @property
+    def current_initial_losses(self) -> Tensor:
+        """``L(0)`` as used by the update (0 for a task not yet measured)."""
+        measured = self.initial_loss_sum / self.initial_loss_count.clamp_min(1)
+        return torch.where(self._fixed_mask, self._fixed_initial, measured)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the weight trajectory exactly."""
+        state: dict[str, Any] = {"task_names": list(self.task_names) if self.initialized else None, "steps": self.steps}
+        if self.initialized:
+            for name in self._state_names:
+                state[name] = getattr(self, name).detach().clone()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Raises:
+            ValueError: if the checkpoint's tasks or strategy differ from this balancer's.
+        """
+        names = state.get("task_names")
+        if names is None:
+            self.steps = int(state.get("steps", 0))
+            return
+        names = tuple(names)
+        if self._task_names is None:
+            self._init_tasks(_check_task_names(names))
+        elif names != self._task_names:
+            raise ValueError(
+                f"The checkpoint's {type(self).__name__} tasks {list(names)} differ from this model's "
+                f"{list(self._task_names)}; "
+                "resume with the same tasks in the same order."
+            )
+        missing = [n for n in self._state_names if n not in state and n not in _OPTIONAL_STATE]
+        if missing:
+            raise ValueError(
+                f"The checkpoint's {type(self).__name__} state lacks {missing}: it was written by another "
+                "weighting strategy; resume with the same one."
+            )
+        for name in self._state_names:
+            if name in state:
+                cur = getattr(self, name)
+                setattr(self, name, state[name].to(device=cur.device, dtype=cur.dtype).clone())
+        self.steps = int(state["steps"])
+
+    # ------------------------------------------------------------------ hooks
+    def attach_hooks(self) -> None:
+        """Put the recorder's forward hook on the shared layer (after :meth:`remove_hooks`)."""
+        self.recorder.attach()
+
+    def remove_hooks(self) -> None:
+        """Take the recorder off the shared layer and drop what it recorded."""
+        self.recorder.detach()
+
+    def reset_pending(self) -> None:
+        """Forget what forward and backward passes recorded since the last :meth:`step`.
+
+        Call it after an exception between a forward and :meth:`step`, or to discard an
+        accumulation window; the callback does so when a fit starts or fails.
+        """
+        self.recorder.reset()
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether a combined loss was recorded since the last :meth:`step`."""
+        return self.recorder.pending
+
+    # ------------------------------------------------------------------ forward side
+    def task_views(self, z: Tensor) -> tuple[Tensor, ...]:
+        """One alias of the shared representation ``z`` per task, in task order.
+
+        When head ``i`` reads only the ``i``-th view, the per-task gradients are handed over
+        during the model's own backward, with no walk of the graph and no extra pass. ``z`` is
+        the shared layer's output or anything computed from it by shared, parameter-free
+        operations (an activation, a reshape).
+
+        Args:
+            z: the shared representation.
+
+        Returns:
+            ``T`` views of ``z`` (plain views when gradients are off, e.g. in validation).
+        """
+        return self.recorder.views(z, self.num_tasks)
+
+    def combine(self, losses: LossesLike) -> Tensor:
+        """The model loss ``sum_i w_i L_i`` with the current weights.
+
+        A task that is missing (absent from the dict, or ``None``), whose loss is not finite,
+        or whose loss does not require grad while gradients are on (a ``NaN`` placeholder) is
+        left out of the sum and of this step's update; its weight is kept. When no task has a
+        loss at all, the result is a zero that requires grad but reaches no parameter: its
+        backward leaves every gradient ``None``, so the optimizers skip every parameter, and
+        :meth:`step` counts the step as empty.
+
+        Args:
+            losses: a 1-D tensor of ``T`` losses, a sequence of ``T`` scalar tensors (``None``
+                for a missing task) or a mapping from task name to scalar tensor.
+
+        Returns:
+            The combined loss, a 0-dim tensor.
+
+        Raises:
+            TypeError: losses that are not floating-point tensors.
+            ValueError: non-scalar losses, a wrong number of losses, unknown task names, a
+                finite loss that does not require grad, or a loss that does not depend on the
+                shared layer.
+        """
+        if isinstance(losses, Mapping) and not losses and self._task_names is None:
+            raise ValueError(_no_task_message(()))
+        items = normalize_losses(losses, self._task_names, lambda names: self._init_tasks(_check_task_names(names)))
+        grad_on = torch.is_grad_enabled()
+        for name, loss in zip(self.task_names, items):
+            # A constant loss (metadata check first: healthy steps never read a value) is
+            # absent when non-finite (the usual "no labels" placeholder), a misuse when finite.
+            if loss is not None and grad_on and not loss.requires_grad and bool(torch.isfinite(loss).all()):
+                raise ValueError(
+                    f"The loss of task {name!r} does not require grad, so it does not depend on the shared "
+                    "layer (computed under no_grad, or detached?). For a task without labels in this batch, "
+                    "leave it out of the dict or pass None or NaN."
+                )
+        items = [loss if loss is not None and (loss.requires_grad or not grad_on) else None for loss in items]
+        live = [loss for loss in items if loss is not None]
+        weights = self.weights.detach().clone()
+        if not live:
+            return self._empty_step(weights)
+        ref = live[0]
+        if self.weights.device != ref.device:
+            self.to(ref.device)
+            weights = self.weights.detach().clone()
+        # missing tasks enter as NaN, so one device-side isfinite decides presence
+        values = torch.stack([
+            loss.reshape(()) if loss is not None else ref.new_full((), float("nan")) for loss in items
+        ])
+        present = torch.isfinite(values)
+        safe = torch.where(present, values, torch.zeros_like(values))
+        combined = (weights.to(safe.dtype) * safe).sum()
+        self.recorder.record(items, values.detach(), present, weights, combined, self.task_names)
+        return combined
+
+    def _empty_step(self, weights: Tensor) -> Tensor:
+        values = torch.full((self.num_tasks,), float("nan"), dtype=self.dtype, device=self.device)
+        if torch.is_grad_enabled():
+            self.recorder.record_empty(values, weights)
+            return torch.zeros((), dtype=self.dtype, device=self.device, requires_grad=True)
+        return torch.zeros((), dtype=self.dtype, device=self.device)
+
+    # ------------------------------------------------------------------ the update
+    @torch.no_grad()
+    def step(self, grad_scale: Tensor | float | None = None, found_inf: Tensor | None = None) -> None:
+        """Update the weights from what the backward passes since the last step recorded.
+
+        Call it after the model's backward (after every backward pass of an accumulation
+        window), before or after the model's optimizer step. Without a recorded ``combine``
+        it does nothing. Runs on the weights' device without reading any value on the host.
+
+        Args:
+            grad_scale: the factor the recorded backward passes were scaled by beyond the
+                combined loss (the GradScaler's scale under fp16 AMP); ``None`` means 1.
+            found_inf: a tensor that is non-zero when the model's step is skipped (e.g. the
+                GradScaler found inf/NaN gradients); the weight update is then skipped too.
+
+        Raises:
+            ValueError: when a recorded backward did not reach the shared layer.
+        """
+        stats = self.recorder.collect(grad_scale)
+        if stats is None:
+            return
+        self.steps += 1
+        present = stats.present
+        losses = stats.losses.to(self.dtype)
+        norms = stats.grad_norms.to(self.dtype)
+        # L(0): measured over the first `initial_loss_steps` present steps, or fixed.
+        if self._all_fixed:
+            initial = self._fixed_initial
+            init_sum, init_count = self.initial_loss_sum, self.initial_loss_count
+        else:
+            collecting = present & (self.initial_loss_count < self.initial_loss_steps)
+            init_count = self.initial_loss_count + collecting
+            init_sum = self.initial_loss_sum + torch.where(collecting, losses, 0.0)
+            initial = torch.where(self._fixed_mask, self._fixed_initial, init_sum / init_count.clamp_min(1))
+        ratios, rates = F.inverse_training_rates(losses, initial, present)
+        weights = self.weights
+        proposal = self.propose(StepInputs(weights, norms, losses, initial, present, ratios, rates, self.num_updates))
+        ok = present.any() & (proposal.valid | ~present).all()
+        if found_inf is not None:
+            ok = ok & (found_inf.to(ok.device) == 0).reshape(())
+        self.weights = torch.where(ok, proposal.weights, weights)
+        for name, value in proposal.state.items():
+            setattr(self, name, torch.where(ok, value, getattr(self, name)))
+        if not self._all_fixed:
+            self.initial_loss_sum = torch.where(ok, init_sum, self.initial_loss_sum)
+            self.initial_loss_count = torch.where(ok, init_count, self.initial_loss_count)
+        self.num_updates = self.num_updates + ok
+        self.skipped = self.skipped + ~present
+        self.skipped_updates = self.skipped_updates + ~ok
+        self.empty_steps = self.empty_steps + ~present.any()
+        self.last_stats = {
+            "weights": self.weights,
+            "grad_norms": norms,
+            "loss_ratios": ratios,
+            "inverse_rates": rates,
+            "skipped": self.skipped,
+            "present": present,
+            "applied": ok,
+            "route": stats.route,
+        }
+        if proposal.objective is not None:
+            self.last_stats["loss"] = proposal.objective
+
+    # ------------------------------------------------------------------ copies
+    def __repr__(self) -> str:
+        names = list(self._task_names) if self._task_names is not None else "?"
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}(tasks={names}, {settings})"

@@ -1,0 +1,387 @@
+"""The backward side of one step: hooks on the graph turn per-task gradients into statistics.
+
+A :class:`StepCapture` is made by the recorder for every ``combine`` and lives until that
+combined loss has been back-propagated. It follows a :class:`Plan` (the route the recorder
+chose) and never looks at the balancer:
+
+1. the combined loss's hook runs first in the backward: it records the losses with the
+   backward's scale ``c`` and, on the ``autograd`` and ``losses`` routes, computes every
+   task's gradient right there (extra passes, the graph intact);
+2. on the ``heads`` route, hooks on the heads' private nodes read each task's gradient where
+   it enters the shared part; on the ``views`` route, the views' node hands all of them over;
+3. gradients waiting at an edge are *flushed* by the pre-hook of the node they enter (before
+   that node runs, so the graph below it is intact): one batched vector-Jacobian product
+   carries them to the *sink*, which is either the shared layer's output (then a norm rule
+   turns them into parameter statistics) or its parameters directly (the generic rule);
+4. the pre-hook of the layer's output node completes the step; every hook is then removed.
+
+Every gradient handled here is ``c w_i dL_i/d.`` (the model's own backward carries ``w_i``);
+the recorder divides the norms by ``w_i`` and the GradScaler's scale at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+
+from gradnorm_lightning._compat import apply_node
+from gradnorm_lightning.capture.calls import LayerCall
+from gradnorm_lightning.capture.heads import Frontier
+from gradnorm_lightning.capture.norms import NormRule, batched_vjp
+from gradnorm_lightning.capture.stats import Accumulator, safe_norms
+
+__all__ = ["Plan", "StepCapture"]
+
+
+@dataclasses.dataclass
+class Plan:
+    """How one step's statistics are obtained (decided once, by the recorder).
+
+    Attributes:
+        route: ``"views"``, ``"heads"``, ``"losses"``, ``"autograd"`` or ``"none"``.
+        reason: why, in words (logged once).
+        params: the shared layer's trainable parameters in this step.
+        calls: the layer calls whose outputs the sink reads (empty for ``autograd``/``none``).
+        rule: ``(name, rule)`` for a one-call output sink, else ``None`` (generic rule).
+        representation: ``mode="representation"``: norms of the output gradients themselves.
+        frontier: the heads' walk (``heads`` route).
+        views_edge: the edge of the tensor the views alias (``views`` route).
+    """
+
+    route: str
+    reason: str
+    params: list[nn.Parameter]
+    calls: list[LayerCall] = dataclasses.field(default_factory=list)
+    rule: tuple[str, NormRule] | None = None
+    representation: bool = False
+    frontier: Frontier | None = None
+    views_edge: GradientEdge | None = None
+
+    @property
+    def outputs_sink(self) -> bool:
+        """Whether per-task gradients are gathered at the layer's outputs (else at its parameters)."""
+        return self.representation or self.rule is not None
+
+
+def _stack(rows: dict[int, Tensor], num_tasks: int) -> Tensor:
+    """Per-task rows ``(T, *shape)``, zeros for the tasks that have none."""
+    ref = next(iter(rows.values()))
+    if len(rows) == num_tasks:
+        return torch.stack([rows[t] for t in range(num_tasks)])
+    zero = torch.zeros_like(ref)
+    return torch.stack([rows.get(t, zero) for t in range(num_tasks)])
+
+
+class StepCapture:
+    """Hooks and per-task gradients of one combined loss's backward (see the module doc).
+
+    Args:
+        plan: the route.
+        layer: the shared layer (its norm rule needs it).
+        losses: each task's loss, ``None`` for a task absent on the host.
+        values: the losses as a ``(T,)`` tensor (NaN where missing).
+        present: ``(T,)`` bool, the tasks taking part.
+        weights: ``(T,)`` the weights of the combined loss.
+        accumulator: returns the accumulator of the current optimizer step.
+        names: the task names (for error messages).
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        layer: nn.Module,
+        losses: Sequence[Tensor | None],
+        values: Tensor,
+        present: Tensor,
+        weights: Tensor,
+        accumulator: Callable[[], Accumulator],
+        names: Sequence[str],
+    ) -> None:
+        self.plan = plan
+        self.layer = layer
+        self.losses: list[Tensor | None] = list(losses)
+        self.values = values
+        self.present = present
+        self.weights = weights
+        self.names = tuple(names)
+        self.num_tasks = len(self.losses)
+        self._accumulator = accumulator
+        self.started = False
+        self.finished = plan.route == "none"
+        self._handles: list[Any] = []
+        self.keep_alive: list[Any] = []  # objects the graph's hooks reach only weakly
+        self._pending: dict[GradientEdge, dict[int, Tensor]] = {}
+        self._buffers: dict[GradientEdge, dict[int, Tensor]] = {}
+        self._busy = False  # our own autograd calls run the graph's hooks too: ignore them
+        self._sink_edges: dict[GradientEdge, LayerCall] = {
+            e: call for call in plan.calls for e in call.edges
+        } if plan.outputs_sink else {}
+        self._stops_left: set[Any] = set()
+        self.scale = torch.ones((), dtype=values.dtype, device=values.device)  # set by the backward
+
+    # ------------------------------------------------------------------ hooks
+    def install(self, combined: Tensor) -> None:
+        """Put the step's hooks on the graph (removed by :meth:`remove_hooks` or once they ran)."""
+        self._handles.append(combined.register_hook(self._on_loss_grad))
+        frontier = self.plan.frontier
+        if self.plan.route != "heads" or frontier is None:
+            return
+        for node in frontier.taps:
+            self._handles.append(node.register_hook(self._tap(node)))
+        self._stops_left = set(frontier.stops)
+        for node in frontier.entries | frontier.stops:
+            self._handles.append(node.register_prehook(self._enter(node)))
+
+    def remove_hooks(self) -> None:
+        """Take every hook of this step off the graph (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.remove_hooks()
+        # nothing of the graph is needed any more
+        self.losses = []
+        self.keep_alive.clear()
+        self._pending.clear()
+        self._buffers.clear()
+
+    def _on_loss_grad(self, grad: Tensor) -> None:
+        if self.started or self.finished:
+            return
+        self.started = True
+        acc = self._accumulator()
+        self.scale = grad.detach().reshape(()).to(acc.loss_sum.dtype)
+        acc.add_losses(self.values, self.present, self.scale)
+        acc.routes.append(self.plan.route)
+        route = self.plan.route
+        try:
+            if route == "none":
+                self._finish()
+            elif route == "autograd":
+                self._autograd(acc)
+                self._finish()
+            elif route == "losses":
+                self._from_losses()
+                self._finish()
+            elif route == "heads":
+                assert self.plan.frontier is not None
+                for task, edge in self.plan.frontier.roots:
+                    loss = self.losses[task]
+                    assert loss is not None
+                    self._add(self._pending, edge, task, self._task_scale(task, loss))
+        except BaseException:
+            self._finish()
+            raise
+
+    def _task_scale(self, task: int, like: Tensor) -> Tensor:
+        """``c w_i`` shaped like ``like``: the gradient the model's backward sends into loss ``i``."""
+        return (self.scale * self.weights[task].to(self.scale.dtype)).to(like.dtype).expand_as(like)
+
+    def _tap(self, node: Any) -> Callable[[Any, Any], None]:
+        assert self.plan.frontier is not None
+        taps = self.plan.frontier.taps[node]
+
+        def hook(grad_inputs: Any, grad_outputs: Any) -> None:
+            if not self.started or self._busy or self.finished:
+                return
+            for k, task, target in taps:
+                g = grad_inputs[k]
+                if g is not None:
+                    self._add(self._pending, target, task, g)
+
+        return hook
+
+    def _enter(self, node: Any) -> Callable[[Any], None]:
+        def prehook(grad_outputs: Any) -> None:
+            if not self.started or self._busy or self.finished:
+                return
+            try:
+                self._flush()
+                if node in self._stops_left:
+                    self._stops_left.discard(node)
+                    if self.plan.outputs_sink:
+                        self._finalize([e for e in self._sink_edges if e.node is node])
+                    if not self._stops_left:
+                        self._finish()
+            except BaseException:
+                self._finish()
+                raise
+
+        return prehook
+
+    def on_views(self, grads: tuple[Tensor | None, ...]) -> None:
+        """The views' backward: every task's gradient at the aliased tensor."""
+        if not self.started or self._busy or self.finished:
+            return
+        try:
+            rows: dict[int, Tensor] = {}
+            for task, (g, loss) in enumerate(zip(grads, self.losses)):
+                if g is not None:
+                    rows[task] = g
+                elif loss is not None:
+                    raise ValueError(
+                        f"Task {self.names[task]!r} has a loss but did not read its view from `task_views`; "
+                        "each head must read its own view (and only it)."
+                    )
+            if rows:
+                assert self.plan.views_edge is not None
+                self._pending[self.plan.views_edge] = rows
+                self._flush()
+                if self.plan.outputs_sink:
+                    self._finalize(list(self._sink_edges))
+        finally:
+            self._finish()
+
+    # ------------------------------------------------------------------ moving gradients
+    @staticmethod
+    def _add(store: dict[GradientEdge, dict[int, Tensor]], edge: GradientEdge, task: int, g: Tensor) -> None:
+        rows = store.setdefault(edge, {})
+        rows[task] = g if task not in rows else rows[task] + g
+
+    def _flush(self) -> None:
+        """Carry every waiting gradient to the sink (the graph below them is intact)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        moving: list[tuple[GradientEdge, Tensor]] = []
+        for edge, rows in pending.items():
+            if edge in self._sink_edges:
+                for task, g in rows.items():
+                    self._add(self._buffers, edge, task, g)
+            else:
+                moving.append((edge, _stack(rows, self.num_tasks)))
+        if not moving:
+            return
+        elementwise = self.plan.frontier.elementwise if self.plan.frontier is not None else None
+        if elementwise is not None and len(moving) == 1 and moving[0][0].node is elementwise:
+            # one elementwise function: its VJP is a product with f'(x), the same for all tasks
+            grads = moving[0][1]
+            self._busy = True
+            try:
+                diag = apply_node(elementwise, torch.ones_like(grads[0]))[0]
+            finally:
+                self._busy = False
+            assert diag is not None
+            nxt, nr = next((n, r) for n, r in elementwise.next_functions if n is not None)
+            self._deliver([GradientEdge(nxt, nr)], [grads * diag])
+            return
+        targets: list[GradientEdge] | list[nn.Parameter]
+        targets = list(self._sink_edges) if self.plan.outputs_sink else list(self.plan.params)
+        self._busy = True
+        try:
+            out = batched_vjp([e for e, _ in moving], [g for _, g in moving], targets)
+        finally:
+            self._busy = False
+        if self.plan.outputs_sink:
+            self._deliver(list(self._sink_edges), out)
+        else:
+            self._add_dense(out)
+
+    def _deliver(self, edges: Sequence[GradientEdge], grads: Sequence[Tensor | None]) -> None:
+        """Per-task gradients ``(T, ...)`` at sink edges, into their buffers."""
+        for edge, g in zip(edges, grads):
+            if g is None:
+                continue
+            rows = self._buffers.setdefault(edge, {})
+            for task in range(self.num_tasks):
+                rows[task] = g[task] if task not in rows else rows[task] + g[task]
+
+    def _add_dense(self, grads: Sequence[Tensor | None]) -> None:
+        """Per-task parameter gradients from a VJP, as one masked ``(T, P)`` block."""
+        acc = self._accumulator()
+        dtype = acc.loss_sum.dtype
+        parts = [
+            torch.zeros(self.num_tasks, p.numel(), dtype=dtype, device=p.device) if g is None
+            else g.reshape(self.num_tasks, -1).to(dtype)
+            for g, p in zip(grads, self.plan.params)
+        ]
+        dense = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        acc.add(torch.where(self.present[:, None], dense, 0.0))
+
+    def _mask(self, grads: Tensor) -> Tensor:
+        return torch.where(self.present.reshape(-1, *([1] * (grads.dim() - 1))), grads, 0.0)
+
+    def _finalize(self, edges: Sequence[GradientEdge]) -> None:
+        """Turn the complete per-task gradients at these output edges into statistics."""
+        acc = self._accumulator()
+        dtype = acc.loss_sum.dtype
+        for edge in edges:
+            rows = self._buffers.pop(edge, None)
+            if not rows:
+                continue
+            grads = self._mask(_stack(rows, self.num_tasks))
+            call = self._sink_edges[edge]
+            if self.plan.representation:
+                acc.add_rep_norms(safe_norms(grads.to(dtype)))
+                continue
+            result = None
+            if self.plan.rule is not None and call.inputs_unchanged():
+                result = self.plan.rule[1](self.layer, call, grads, dtype)
+            if result is not None:
+                acc.add(result)
+                continue
+            self._busy = True
+            try:
+                out = batched_vjp([edge], [grads], self.plan.params)
+            finally:
+                self._busy = False
+            self._add_dense(out)
+
+    # ------------------------------------------------------------------ extra-pass routes
+    def _autograd(self, acc: Accumulator) -> None:
+        """One ``autograd.grad`` per task over the parameters: the exact reference route."""
+        params = self.plan.params
+        dtype = acc.loss_sum.dtype
+        rows = []
+        for task, loss in enumerate(self.losses):
+            if loss is None:
+                rows.append(torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=self.scale.device))
+                continue
+            grads = torch.autograd.grad(
+                loss, params, grad_outputs=self._task_scale(task, loss), retain_graph=True, allow_unused=True
+            )
+            if all(g is None for g in grads):
+                raise ValueError(_unreached(self.names[task], self.layer))
+            rows.append(torch.cat([
+                torch.zeros(p.numel(), dtype=dtype, device=p.device) if g is None else g.reshape(-1).to(dtype)
+                for g, p in zip(grads, params)
+            ]))
+        acc.add(torch.where(self.present[:, None], torch.stack(rows), 0.0))
+
+    def _from_losses(self) -> None:
+        """Every task's gradient from its loss, all tasks in one batched backward (an extra pass)."""
+        tasks = [t for t, loss in enumerate(self.losses) if loss is not None]
+        edges = []
+        grads = []
+        for t in tasks:
+            loss = self.losses[t]
+            assert loss is not None
+            onehot = torch.zeros(self.num_tasks, dtype=loss.dtype, device=loss.device)
+            onehot[t] = 1.0
+            edges.append(torch.autograd.graph.get_gradient_edge(loss))
+            grads.append(onehot.reshape(-1, *([1] * loss.dim())) * self._task_scale(t, loss))
+        self._busy = True
+        try:
+            targets: list[Any] = list(self._sink_edges) if self.plan.outputs_sink else list(self.plan.params)
+            out = batched_vjp(edges, grads, targets)
+        finally:
+            self._busy = False
+        if self.plan.outputs_sink:
+            self._deliver(list(self._sink_edges), out)
+            self._finalize(list(self._sink_edges))
+        else:
+            self._add_dense(out)
+
+
+def _unreached(name: str, layer: nn.Module) -> str:
+    return (
+        f"The loss of task {name!r} does not depend on the shared layer ({type(layer).__name__}); "
+        "every task must be computed from the last shared layer."
+    )

@@ -1,0 +1,363 @@
+"""The recorder: everything one optimizer step records at the shared layer, and its route.
+
+A :class:`Recorder` is handed to a balancer. It owns the shared layer's forward hook (the
+layer calls), the task views, the backward captures of every combined loss and their
+accumulated statistics. For each ``combine`` it decides, once, from the graph it sees, how
+the per-task gradients are obtained (the *route*) and where their norms come from (the *norm
+rule*), logs that decision once (rank zero, INFO) and hands a :class:`Plan` to a
+:class:`~gradnorm_lightning.capture.backward.StepCapture`. :meth:`Recorder.collect` returns
+the step's :class:`Statistics`. Every route is exact; ``mode="representation"`` is the one
+documented approximation (norms at the layer's output instead of over its parameters).
+
+Routes:
+
+* ``"views"``: the heads read :meth:`Recorder.views`; their node hands over every task's
+  gradient during the model's own backward (no extra pass);
+* ``"heads"``: the backward graph is walked from each loss to the layer; hooks on the heads'
+  own nodes read each task's gradient where it enters the part tasks share (no extra pass);
+* ``"losses"`` (fallback when the graph above the layer is too large to walk): one batched
+  backward from every loss through its head to the layer (an extra pass);
+* ``"autograd"`` (``mode="autograd"``): one ``autograd.grad`` per task over the parameters;
+* ``"none"``: the strategy needs no norms (only the losses are recorded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+from gradnorm_lightning.capture.backward import Plan, StepCapture, _unreached
+from gradnorm_lightning.capture.calls import ForwardHook, LayerCall
+from gradnorm_lightning.capture.distributed import reduce_statistics
+from gradnorm_lightning.capture.heads import OverBudget, Unreached, walk_heads
+from gradnorm_lightning.capture.norms import find_norm_rule
+from gradnorm_lightning.capture.stats import Accumulator
+from gradnorm_lightning.capture.views import fan_out
+
+__all__ = ["Recorder", "Statistics"]
+
+log = logging.getLogger("gradnorm_lightning")
+
+# Layer calls kept between two `combine`s: more than one means reuse of the layer or forwards
+# that never reached `combine`; bounded so that the latter cannot pile up.
+_MAX_CALLS = 64
+
+
+@dataclasses.dataclass
+class Statistics:
+    """One optimizer step's per-task statistics, reduced over processes.
+
+    Attributes:
+        grad_norms: ``n_i = ||grad_W L_i||`` (NaN when not measured).
+        losses: each task's loss, averaged over the backward passes it was present in.
+        present: the tasks present in at least one backward pass.
+        route: how the per-task gradients were obtained (routes of several passes joined by ``+``).
+    """
+
+    grad_norms: Tensor
+    losses: Tensor
+    present: Tensor
+    route: str
+
+
+class _ViewsLink:
+    """Connects the views made in a forward to the capture that ``combine`` creates later."""
+
+    def __init__(self, edge: Any) -> None:
+        self.edge = edge
+        self.capture: StepCapture | None = None
+
+    def deliver(self, grads: tuple[Tensor | None, ...]) -> None:
+        if self.capture is not None:
+            self.capture.on_views(grads)
+
+
+def _rank_zero() -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+class Recorder:
+    """Per-task gradient statistics at a shared layer, gathered during the model's backward.
+
+    Args:
+        layer: the last layer shared by all tasks.
+        mode: ``"auto"`` (exact, cheapest route), ``"autograd"`` (exact, one ``autograd.grad``
+            per task, no forward hook) or ``"representation"`` (norms at the layer's output).
+        distributed: ``"exact"`` or ``"approx"`` (see :mod:`~gradnorm_lightning.capture.distributed`).
+        measure_norms: ``False`` records only the losses (a strategy that needs no norms).
+        walk_budget: the most graph nodes the heads' walk expands before falling back.
+
+    Example::
+
+        >>> layer = nn.Linear(3, 4)
+        >>> rec = Recorder(layer)
+        >>> z = layer(torch.randn(5, 3))
+        >>> losses = [z[:, 0].pow(2).mean(), z[:, 1].pow(2).mean()]
+        >>> values = torch.stack([loss.detach() for loss in losses])
+        >>> weights = torch.ones(2)
+        >>> combined = (weights * torch.stack(losses)).sum()
+        >>> rec.record(losses, values, torch.tensor([True, True]), weights, combined, ("a", "b"))
+        >>> combined.backward()
+        >>> stats = rec.collect()
+        >>> stats.route, stats.grad_norms.shape
+        ('heads', torch.Size([2]))
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        *,
+        mode: str = "auto",
+        distributed: str = "exact",
+        measure_norms: bool = True,
+        walk_budget: int = 4096,
+    ) -> None:
+        self.layer = layer
+        self.mode = mode
+        self.distributed = distributed
+        self.measure_norms = measure_norms
+        self.walk_budget = walk_budget
+        self._calls: list[LayerCall] = []
+        self._views: _ViewsLink | None = None
+        self._captures: list[StepCapture] = []
+        self._acc: Accumulator | None = None
+        self._weights: Tensor | None = None
+        self._hook: Any = None
+        self._announced: set[str] = set()
+        self.attach()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def uses_forward_hook(self) -> bool:
+        """Whether this recorder needs the layer's forward hook (not for ``autograd`` or ``none``)."""
+        return self.measure_norms and self.mode != "autograd"
+
+    def attach(self) -> None:
+        """Put the forward hook on the shared layer (idempotent)."""
+        if self._hook is None and self.uses_forward_hook:
+            self._hook = self.layer.register_forward_hook(ForwardHook(self._on_call))
+
+    def detach(self) -> None:
+        """Take the forward hook off and forget everything recorded."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every forward and backward recorded since the last :meth:`collect`."""
+        for capture in self._captures:
+            capture.remove_hooks()
+        self._captures, self._calls, self._views, self._acc = [], [], None, None
+
+    @property
+    def pending_calls(self) -> int:
+        """How many calls of the layer were recorded since the last ``combine`` (bounded)."""
+        return len(self._calls)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a combined loss was recorded since the last :meth:`collect`."""
+        return self._acc is not None
+
+    def _on_call(self, call: LayerCall) -> None:
+        if len(self._calls) >= _MAX_CALLS:
+            del self._calls[0]
+        self._calls.append(call)
+
+    # ------------------------------------------------------------------ forward side
+    def views(self, z: Tensor, num_tasks: int) -> tuple[Tensor, ...]:
+        """``num_tasks`` aliases of ``z`` whose backward hands over each task's gradient."""
+        if not (torch.is_grad_enabled() and z.requires_grad and self.uses_forward_hook):
+            return tuple(z.view_as(z) for _ in range(num_tasks))
+        link = _ViewsLink(get_gradient_edge(z))
+        self._views = link
+        return fan_out(z, num_tasks, link.deliver)
+
+    def _accumulator(self, like: Tensor, num_tasks: int) -> Accumulator:
+        if self._acc is None:
+            dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.layer.parameters()) else torch.float32
+            self._acc = Accumulator(num_tasks, dtype, like.device)
+        return self._acc
+
+    def record(
+        self,
+        losses: Sequence[Tensor | None],
+        values: Tensor,
+        present: Tensor,
+        weights: Tensor,
+        combined: Tensor,
+        names: Sequence[str],
+    ) -> None:
+        """Record one combined loss ``sum_i weights_i losses_i`` for its backward.
+
+        Args:
+            losses: each task's loss (``None`` for a task absent on the host).
+            values: ``(T,)`` loss values (NaN where missing).
+            present: ``(T,)`` bool, the tasks taking part.
+            weights: ``(T,)`` weights of the combined loss.
+            combined: the combined loss; its backward records the statistics.
+            names: task names, for messages.
+
+        Raises:
+            ValueError: when the shared layer was not called in this forward, has no trainable
+                parameters, or a task's loss does not depend on it.
+        """
+        calls, self._calls = self._calls, []
+        link, self._views = self._views, None
+        if not (torch.is_grad_enabled() and combined.requires_grad):
+            return
+        acc = self._accumulator(values, len(names))
+        plan = self._plan(losses, calls, link, names)
+        capture = StepCapture(plan, self.layer, losses, values, present, weights, lambda: acc, names)
+        if link is not None and plan.route == "views":
+            link.capture = capture
+            capture.keep_alive.append(link)  # the views' node holds it weakly
+        capture.install(combined)
+        self._captures.append(capture)
+        self._weights = weights
+        self._announce(plan)
+
+    def record_empty(self, values: Tensor, weights: Tensor) -> None:
+        """Record a step in which no task has a loss (nothing to back-propagate)."""
+        self._calls, self._views = [], None
+        acc = self._accumulator(values, values.numel())
+        acc.routes.append("empty")
+        self._weights = weights
+
+    # ------------------------------------------------------------------ the route
+    def _plan(self, losses: Sequence[Tensor | None], calls: list[LayerCall], link: _ViewsLink | None,
+              names: Sequence[str]) -> Plan:
+        if not self.measure_norms:
+            return Plan("none", "the strategy needs no gradient norms", [])
+        if self.mode == "autograd":
+            params = [p for p in self.layer.parameters() if p.requires_grad]
+            self._check_trainable(params)
+            return Plan("autograd", "mode='autograd': one autograd.grad per task over the shared layer's parameters",
+                        params)
+        if not calls:
+            raise ValueError(
+                f"The shared layer ({type(self.layer).__name__}) was not called in the forward pass that produced "
+                "these losses (with gradients enabled); `shared_layer` must be the last layer shared by all tasks."
+            )
+        params = [p for _, p in calls[-1].params]
+        self._check_trainable(params)
+        inplace = any(c.outputs_modified() for c in calls)
+        note = "; the layer's output was written in place after the call (version counter): its gradient is " \
+            "taken at the layer's own output node" if inplace else ""
+        if link is not None:
+            plan = Plan("views", "per-task gradients from the task views' backward, no extra pass" + note, params,
+                        calls=calls, views_edge=link.edge)
+        else:
+            stops = {node for c in calls for node in c.nodes}
+            try:
+                frontier = walk_heads(losses, stops, self.walk_budget)
+            except Unreached as err:
+                raise ValueError(_unreached(names[err.args[0]], self.layer)) from None
+            except OverBudget:
+                plan = Plan("losses", "fallback: one batched backward from every loss through its head (an extra "
+                            f"pass), because the graph above the shared layer has more than {self.walk_budget} nodes"
+                            + note, params, calls=calls)
+            else:
+                reached = [c for c in calls if c.nodes & frontier.stops]
+                how = "per-task gradients from the heads' backward nodes, no extra pass"
+                if frontier.elementwise is not None:
+                    how += f", across the shared {frontier.elementwise.name()} by one product"
+                elif frontier.shared_part:
+                    how += ", then one batched vector-Jacobian product through the part of the graph tasks share"
+                plan = Plan("heads", how + note, params, calls=reached, frontier=frontier)
+        self._choose_sink(plan)
+        return plan
+
+    def _choose_sink(self, plan: Plan) -> None:
+        kind = type(self.layer).__name__
+        if self.mode == "representation":
+            plan.representation = True
+            plan.reason += "; mode='representation': norms of the gradients at the layer's output (an approximation)"
+            return
+        rule = find_norm_rule(self.layer)
+        why = ""
+        if len(plan.calls) != 1:
+            why = f"the layer ran {len(plan.calls)} times in this forward"
+        elif rule is None:
+            why = f"no norm rule is registered for {kind}"
+        elif not plan.calls[0].inputs_unchanged():
+            why = "an input of the layer was written in place after the call"
+        if why:
+            plan.reason += f"; norms by one batched vector-Jacobian product to the parameters (generic rule: {why})"
+            return
+        assert rule is not None
+        plan.rule = rule
+        plan.reason += f"; norms by the {rule[0]} rule for {kind}"
+
+    def _check_trainable(self, params: list[nn.Parameter]) -> None:
+        if not params:
+            raise ValueError(
+                f"The shared layer ({type(self.layer).__name__}) has no trainable parameters in this step (all "
+                "`requires_grad=False`); GradNorm's norms run over them: unfreeze at least one, or stop the "
+                "balancing while the layer is frozen."
+            )
+
+    def _announce(self, plan: Plan) -> None:
+        message = f"{plan.route}: {plan.reason}"
+        if message in self._announced:
+            return
+        self._announced.add(message)
+        if _rank_zero():
+            log.info("GradNorm statistics at %s: %s.", type(self.layer).__name__, message)
+
+    # ------------------------------------------------------------------ the result
+    def collect(self, grad_scale: Tensor | float | None = None) -> Statistics | None:
+        """The statistics recorded since the last call (``None`` if nothing was recorded).
+
+        Args:
+            grad_scale: the factor the backward passes were scaled by beyond the combined
+                loss (the GradScaler's scale under fp16 AMP); ``None`` means 1.
+
+        Raises:
+            ValueError: when a recorded backward started but never reached the shared layer.
+        """
+        acc, captures = self._acc, self._captures
+        self._acc, self._captures = None, []
+        unfinished = [c for c in captures if c.started and not c.finished]
+        for capture in captures:
+            capture.remove_hooks()
+        if acc is None:
+            return None
+        if unfinished:
+            raise ValueError(
+                f"The backward of a combined loss did not reach the shared layer ({type(self.layer).__name__}): "
+                "back-propagate the combined loss through the whole model (no `inputs=` restricting it) "
+                "before the update."
+            )
+        norms, loss_sum, loss_weight = reduce_statistics(acc, self.distributed)
+        weights = self._weights if self._weights is not None else torch.ones_like(norms)
+        norms = norms / weights.to(norms)
+        if grad_scale is not None:
+            if isinstance(grad_scale, Tensor):
+                grad_scale = grad_scale.to(device=norms.device, dtype=norms.dtype)
+            norms = norms / grad_scale
+        present = loss_weight > 0
+        # absent tasks have loss_sum == 0, so the clamp only guards the division
+        losses = loss_sum / loss_weight.clamp_min(torch.finfo(loss_weight.dtype).tiny)
+        route = "+".join(dict.fromkeys(acc.routes)) or "none"
+        return Statistics(norms, losses, present, route)
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_calls=[], _views=None, _captures=[], _acc=None, _hook=None, _weights=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.attach()

@@ -1,0 +1,183 @@
+"""Per-task statistics of one optimizer step, accumulated over its backward passes.
+
+Under gradient accumulation an optimizer step sees the sum of several backward passes, each
+scaled by ``c`` (``1/k``, times the GradScaler's scale under fp16 AMP). GradNorm's norms are
+those of that accumulated gradient, so the per-task gradients of every pass are summed before
+any norm is taken. They come in one of two forms:
+
+* :class:`Factored`: a Linear layer's per-task gradients as ``dW_t = G_t^T H`` (rows of
+  inputs ``H``, per-task output gradients ``G_t``), never materialised: the norms come from
+  ``<G_t G_t^T, H H^T>`` (the "ghost norm") or one batched product, whichever is cheaper;
+* a dense ``(T, P)`` tensor of per-task gradients over the layer's trainable parameters, in
+  the order of ``named_parameters()``.
+
+Norms are computed overflow-safe: every block is divided by its largest entry before squaring,
+so a finite gradient never yields an infinite norm in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+__all__ = ["Accumulator", "Factored", "safe_norms"]
+
+
+def _peak(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``max |x|`` over ``dims``, never zero (so that dividing by it is safe)."""
+    return torch.linalg.vector_norm(x, float("inf"), dim=dims).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def safe_norms(grads: Tensor) -> Tensor:
+    """Row-wise 2-norms of ``grads`` ``(T, ...)``, without overflow for finite entries.
+
+    Example::
+
+        >>> safe_norms(torch.tensor([[3e30, 4e30], [0.0, 0.0]]))
+        tensor([5.0000e+30, 0.0000e+00])
+    """
+    flat = grads.reshape(grads.shape[0], -1)
+    if flat.shape[1] == 0:
+        return flat.new_zeros(flat.shape[0])
+    peak = _peak(flat, (1,))
+    return torch.linalg.vector_norm(flat / peak[:, None], dim=1) * peak
+
+
+@dataclasses.dataclass
+class Factored:
+    """Per-task gradients of a Linear layer, ``dW_t = grads_t^T rows`` (plus the bias ``sum_n grads_t``).
+
+    Attributes:
+        rows: ``(N, d_in)`` layer inputs.
+        grads: ``(T, N, d_out)`` per-task gradients at the layer output.
+        weight: whether the weight is trained (part of the norm).
+        bias: whether a bias is trained.
+    """
+
+    rows: Tensor
+    grads: Tensor
+    weight: bool
+    bias: bool
+
+    def dense(self) -> Tensor:
+        """The ``(T, P)`` gradients: the weight's ``(d_out, d_in)`` flattened, then the bias."""
+        parts = []
+        if self.weight:
+            parts.append(torch.matmul(self.grads.transpose(1, 2), self.rows).flatten(1))
+        if self.bias:
+            parts.append(self.grads.sum(dim=1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def norms(self) -> Tensor:
+        """``||dW_t||`` for every task, by the cheaper exact formula, overflow-safe."""
+        if not self.weight:
+            return safe_norms(self.grads.sum(dim=1))
+        num_tasks, n, d_out = self.grads.shape
+        g_peak = _peak(self.grads, (1, 2))
+        grads = self.grads / g_peak[:, None, None]
+        rows = self.rows
+        if self.bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        h_peak = _peak(rows, (0, 1))
+        rows = rows / h_peak
+        d_in = rows.shape[1]
+        # ghost: N^2 (d_in + T d_out) multiply-adds; direct: T N d_in d_out.
+        if n * (d_in + num_tasks * d_out) < num_tasks * d_in * d_out:
+            gram_h = rows @ rows.T
+            gram_g = torch.bmm(grads, grads.transpose(1, 2))
+            sq = (gram_g * gram_h).sum(dim=(1, 2)).clamp_min(0)
+            scaled = sq.sqrt()
+        else:
+            scaled = torch.linalg.vector_norm(torch.matmul(grads.transpose(1, 2), rows), dim=(1, 2))
+        return scaled * g_peak * h_peak
+
+    @staticmethod
+    def cat(blocks: list[Factored]) -> Factored:
+        """The blocks of several backward passes as one (their rows stacked)."""
+        if len(blocks) == 1:
+            return blocks[0]
+        first = blocks[0]
+        return Factored(
+            torch.cat([b.rows for b in blocks], dim=0), torch.cat([b.grads for b in blocks], dim=1),
+            first.weight, first.bias,
+        )
+
+
+class Accumulator:
+    """What the backward passes of one optimizer step recorded, per task.
+
+    Args:
+        num_tasks: ``T``.
+        dtype: the dtype of the statistics (float64 for float64 layers, else float32).
+        device: their device.
+    """
+
+    def __init__(self, num_tasks: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.loss_sum = torch.zeros(num_tasks, dtype=dtype, device=device)
+        self.loss_weight = torch.zeros(num_tasks, dtype=dtype, device=device)
+        self.factored: list[Factored] = []
+        self.dense: Tensor | None = None
+        self.rep_norms: Tensor | None = None
+        self.routes: list[str] = []
+
+    def add_losses(self, values: Tensor, present: Tensor, scale: Tensor) -> None:
+        """One backward pass's task losses, weighted by its scale ``c`` (present tasks only)."""
+        weight = present * scale
+        self.loss_sum += torch.where(present, values.to(self.loss_sum.dtype), 0.0) * weight
+        self.loss_weight += weight
+
+    def add(self, grads: Factored | Tensor) -> None:
+        """Add per-task gradients of the shared layer's trainable parameters."""
+        if isinstance(grads, Factored):
+            if self.factored and (grads.weight, grads.bias, grads.rows.shape[1]) != (
+                self.factored[0].weight, self.factored[0].bias, self.factored[0].rows.shape[1]
+            ):
+                self._add_dense(self._pop_factored())
+            self.factored.append(grads)
+        else:
+            self._add_dense(grads)
+
+    def add_rep_norms(self, norms: Tensor) -> None:
+        """Add the norms of per-task gradients at the representation of disjoint rows."""
+        self.rep_norms = norms if self.rep_norms is None else torch.hypot(self.rep_norms, norms)
+
+    def _pop_factored(self) -> Tensor:
+        dense = Factored.cat(self.factored).dense()
+        self.factored = []
+        return dense
+
+    def _add_dense(self, grads: Tensor) -> None:
+        if self.dense is None:
+            self.dense = grads
+        elif self.dense.shape != grads.shape:
+            raise ValueError(
+                "The shared layer's trainable parameters changed within one optimizer step "
+                f"({self.dense.shape[1]} then {grads.shape[1]} values): freeze or unfreeze them "
+                "between optimizer steps, not between the backward passes of one."
+            )
+        else:
+            self.dense = self.dense + grads
+
+    @property
+    def measured(self) -> bool:
+        """Whether any per-task gradient statistics were recorded."""
+        return bool(self.factored) or self.dense is not None or self.rep_norms is not None
+
+    def dense_grads(self) -> Tensor | None:
+        """The accumulated ``(T, P)`` gradients (materialising factored blocks), or ``None``."""
+        if self.factored:
+            self._add_dense(self._pop_factored())
+        return self.dense
+
+    def norms(self) -> Tensor:
+        """The per-task norms of the accumulated gradients on this process (NaN if not measured)."""
+        if self.rep_norms is not None:
+            return self.rep_norms
+        if self.factored and self.dense is None:
+            return Factored.cat(self.factored).norms()
+        dense = self.dense_grads()
+        if dense is None:
+            return torch.full_like(self.loss_sum, float("nan"))
+        return safe_norms(dense)
