@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from benchmarks import lightning_timing, measure, methods, workloads
+from benchmarks import lightning_timing, measure, methods, weight_stability, workloads
 
 HAS_GNP = importlib.util.find_spec("gradnorm_pytorch") is not None
 
@@ -96,3 +96,32 @@ def test_lightning_modules_train_with_the_callback() -> None:
     assert weights.shape == (wl.num_tasks,)
     assert not torch.allclose(weights, torch.ones_like(weights))
 
+
+def test_weight_statistics_on_hand_checkable_trajectories() -> None:
+    constant = torch.ones(61, 3)
+    assert weight_stability.low_weight_percent(constant, after=50) == 0.0
+    assert weight_stability.median_max_change(constant, after=50) == 0.0
+    # t = 2, 3, 4 after step 1: one of three steps has a weight below 1e-3; changes 1, 1, 1.9995
+    traj = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [2.0, 0.5, 0.5], [1.0, 1.0, 1.0],
+                         [2.9995, 0.0005, 0.0]], dtype=torch.float64)
+    assert weight_stability.low_weight_percent(traj, after=1, floor=1e-3) == pytest.approx(100 / 3)
+    assert weight_stability.median_max_change(traj, after=1) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="after"):
+        weight_stability.low_weight_percent(traj, after=4)
+
+
+def test_weight_stability_runs_and_reports_unknown_options_as_error_rows() -> None:
+    still = weight_stability.run_row({"optimizer": "sgd", "lr": 1e-12}, 1.5, (1.0, 10.0, 100.0), [0], steps=12, after=2)
+    assert still.error is None and still.low == [0.0] and still.change[0] < 1e-6
+    moving = weight_stability.run_row({"optimizer": "adam", "lr": 0.025}, 1.5, (1.0, 10.0, 100.0), [0], steps=12,
+                                      after=2)
+    assert moving.error is None and moving.change[0] > 1e-4
+    assert float(moving.final[0].sum()) == pytest.approx(3.0, abs=1e-4)
+    unknown = weight_stability.run_row({"weight_space": "log"}, 1.5, (1.0, 1.0, 1.0), [0], steps=12, after=2)
+    assert unknown.error is not None and "weight_space" in unknown.error
+    lines = weight_stability.markdown([still, moving, unknown], after=2, floor=1e-3, seeds=1)
+    assert len(lines) == 5 and "error: TypeError" in lines[-1] and all(line.count("|") == 7 for line in lines[:-1])
+    assert weight_stability.parse_config(["optimizer=adam", "lr=0.01", "weight_space=log"]) == {
+        "optimizer": "adam", "lr": 0.01, "weight_space": "log"}
+    with pytest.raises(ValueError, match="alpha"):
+        weight_stability.parse_config(["alpha=1"])
