@@ -1,4 +1,4 @@
-"""Keeps ``benchmarks/bench_step.py`` from rotting: every row runs and follows its reference.
+"""Keeps ``benchmarks/`` from rotting: every row runs and follows its reference.
 
 Tiny sizes only, no timing assertions.
 """
@@ -6,51 +6,38 @@ Tiny sizes only, no timing assertions.
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
+from benchmarks import lightning_timing, measure, methods, weight_stability, workloads
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
 HAS_GNP = importlib.util.find_spec("gradnorm_pytorch") is not None
 
 
 def _keys() -> list[str]:
-    return [k for k, _ in bench.method_factories(include_project=True) if HAS_GNP or k != "gradnorm-pytorch"]
+    return [k for k, _ in methods.method_factories(include_project=True) if HAS_GNP or k != "gradnorm-pytorch"]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> object:
+def _one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("make", [bench.toy_workload, bench.conv_workload], ids=["toy", "conv"])
-def test_every_row_follows_its_textbook_trajectory(make: object) -> None:
-    wl = make(tiny=True)  # type: ignore[operator]
-    results = bench.check_trajectories(wl, steps=8, keys=_keys(), verbose=False)
+@pytest.mark.parametrize("name", workloads.WORKLOADS)
+def test_every_row_follows_its_textbook_trajectory(name: str) -> None:
+    wl = workloads.workload(name, tiny=True)
+    results = measure.check_trajectories(wl, steps=8, keys=_keys(), verbose=False)
     by_key = {r.key: r for r in results}
     expected = {k for k in _keys() if k != "plain"}
     assert set(by_key) == expected
     for r in results:
         if r.must_match:
-            assert r.ok and r.max_rel_dev < 1e-9, (r.name, r.max_rel_dev)
+            assert r.ok and r.max_rel_dev < 1e-10, (r.name, r.max_rel_dev)
     if HAS_GNP:
         gnp = by_key["gradnorm-pytorch"]
         # it deviates from the paper, and exactly by the documented differences
@@ -58,37 +45,83 @@ def test_every_row_follows_its_textbook_trajectory(make: object) -> None:
         assert gnp.explained_dev is not None and gnp.explained_dev < 1e-9
 
 
+def test_dense_workload_shapes_and_losses() -> None:
+    wl = workloads.dense_workload(tiny=True)
+    model = workloads.build_model(wl)
+    (x, ys), = workloads.make_batches(wl, 1)
+    outs = model(x)
+    _, h, w = wl.image
+    assert [tuple(o.shape) for o in outs] == [(wl.batch, wl.classes, h, w), (wl.batch, 1, h, w), (wl.batch, 3, h, w)]
+    assert isinstance(model.shared_layer, torch.nn.Conv2d)
+    assert ys[0].dtype == torch.long and torch.allclose(ys[2].norm(dim=1), torch.ones(wl.batch, h, w))
+    losses = model.task_losses(outs, ys)
+    assert len(losses) == 3 and all(loss.ndim == 0 and torch.isfinite(loss) for loss in losses)
+
+
 def test_check_fails_loudly_on_a_deviating_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    wl = bench.toy_workload(tiny=True)
-    original = bench.LibMTLStyle.step
+    wl = workloads.toy_workload(tiny=True)
+    original = methods.LibMTLStyle.step
 
-    def wrong(self: object, batch: object) -> None:
+    def wrong(self: methods.LibMTLStyle, batch: workloads.Batch) -> None:
         original(self, batch)
-        self.w = self.w.flip(0)  # type: ignore[attr-defined]
+        self.w = self.w.flip(0)
 
-    monkeypatch.setattr(bench.LibMTLStyle, "step", wrong)
+    monkeypatch.setattr(methods.LibMTLStyle, "step", wrong)
     with pytest.raises(AssertionError, match="LibMTL"):
-        bench.check_trajectories(wl, steps=3, keys=["libmtl"], verbose=False)
+        measure.check_trajectories(wl, steps=3, keys=["libmtl"], verbose=False)
 
 
 @pytest.mark.skipif(not HAS_GNP, reason="the full table includes the gradnorm-pytorch row: pip install '.[bench]'")
 def test_table_and_memory_columns_render() -> None:
-    wl = bench.conv_workload(tiny=True)
-    lines = bench.run_workload(wl, steps=4, warmup=1, check_steps=2, lightning=False)
+    from benchmarks import bench_step
+
+    wl = workloads.conv_workload(tiny=True)
+    lines = bench_step.run_workload(wl, steps=4, warmup=1, check_steps=2, lightning=False)
     rows = [line for line in lines if line.startswith("| ") and "ms/step" not in line]
-    assert len(rows) == len(bench.method_factories())
+    assert len(rows) == len(methods.method_factories())
     assert all(row.count("|") == 9 for row in rows)
 
 
 def test_lightning_modules_train_with_the_callback() -> None:
     from gradnorm_lightning import GradNormCallback
 
-    wl = bench.toy_workload(tiny=True)
-    batches = bench.make_batches(wl, 4)
-    _, lit = bench._lightning_modules(wl)
-    timer = bench._StepTimer()
-    bench._fit(lit, batches, 3, [GradNormCallback(alpha=wl.alpha, lr=wl.weight_lr)], timer)
+    wl = workloads.toy_workload(tiny=True)
+    batches = workloads.make_batches(wl, 4)
+    _, lit = lightning_timing.lightning_modules(wl)
+    timer = lightning_timing.StepTimer()
+    callback = GradNormCallback(**methods.gradnorm_settings(wl))
+    lightning_timing.fit(lit, batches, 3, [callback], timer)
     assert len(timer.times) == 3
     weights = torch.stack(list(lit.task_weights.values()))
     assert weights.shape == (wl.num_tasks,)
     assert not torch.allclose(weights, torch.ones_like(weights))
+
+
+def test_weight_statistics_on_hand_checkable_trajectories() -> None:
+    constant = torch.ones(61, 3)
+    assert weight_stability.low_weight_percent(constant, after=50) == 0.0
+    assert weight_stability.median_max_change(constant, after=50) == 0.0
+    # t = 2, 3, 4 after step 1: one of three steps has a weight below 1e-3; changes 1, 1, 1.9995
+    traj = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [2.0, 0.5, 0.5], [1.0, 1.0, 1.0],
+                         [2.9995, 0.0005, 0.0]], dtype=torch.float64)
+    assert weight_stability.low_weight_percent(traj, after=1, floor=1e-3) == pytest.approx(100 / 3)
+    assert weight_stability.median_max_change(traj, after=1) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="after"):
+        weight_stability.low_weight_percent(traj, after=4)
+
+
+def test_weight_stability_runs_and_reports_unknown_options_as_error_rows() -> None:
+    still = weight_stability.run_row({"optimizer": "sgd", "lr": 1e-12}, 1.5, (1.0, 10.0, 100.0), [0], steps=12, after=2)
+    assert still.error is None and still.low == [0.0] and still.change[0] < 1e-6
+    moving = weight_stability.run_row({"optimizer": "adam", "lr": 0.025}, 1.5, (1.0, 10.0, 100.0), [0], steps=12,
+                                      after=2)
+    assert moving.error is None and moving.change[0] > 1e-4
+    assert float(moving.final[0].sum()) == pytest.approx(3.0, abs=1e-4)
+    unknown = weight_stability.run_row({"weight_space": "log"}, 1.5, (1.0, 1.0, 1.0), [0], steps=12, after=2)
+    assert unknown.error is not None and "weight_space" in unknown.error
+    lines = weight_stability.markdown([still, moving, unknown], after=2, floor=1e-3, seeds=1)
+    assert len(lines) == 5 and "error: TypeError" in lines[-1] and all(line.count("|") == 7 for line in lines[:-1])
+    assert weight_stability.parse_config(["optimizer=adam", "lr=0.01", "weight_space=log"]) == {
+        "optimizer": "adam", "lr": 0.01, "weight_space": "log"}
+    with pytest.raises(ValueError, match="alpha"):
+        weight_stability.parse_config(["alpha=1"])

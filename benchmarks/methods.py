@@ -1,0 +1,378 @@
+"""The rows of the benchmark: each method owns a model copy and runs one full training step.
+
+Rows, in table order (:func:`method_factories`): the plain summed loss (the denominator of
+every ratio), the textbook ``create_graph`` GradNorm (the reference for numbers),
+``gradnorm-pytorch`` 0.2.3, two LibMTL-style variants (norms over the trunk with ``T``
+backward passes; norms at the representation, LibMTL's ``rep_grad``), and this project's
+routes through the public API only (``GradNorm``, ``task_views``, ``combine``, ``step``,
+``weights``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.workloads import Batch, MultiTaskNet, Workload
+
+
+class Method:
+    """One row of the table: a full training step (forward, backward, balancer, SGD).
+
+    Attributes:
+        name: row label.
+        reference: key of the textbook trajectory this row must reproduce (``None`` for
+            the plain step, which has no weights); see :class:`Textbook`.
+        must_match: whether a trajectory deviation fails the benchmark.
+    """
+
+    name = "?"
+    reference: str | None = "W"
+    must_match = True
+
+    def __init__(self, wl: Workload, model: MultiTaskNet) -> None:
+        self.wl = wl
+        self.model = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=wl.model_lr)
+
+    def step(self, batch: Batch) -> None:
+        """One training step on ``batch``."""
+        raise NotImplementedError
+
+    def weights(self) -> Tensor | None:
+        """Current task weights (1-D, sums to T) or ``None``."""
+        return None
+
+
+class PlainSum(Method):
+    """Model loss = sum of the task losses; backward; SGD step. The denominator of every ratio."""
+
+    name = "plain sum (no balancing)"
+    reference = None
+
+    def step(self, batch: Batch) -> None:
+        """One step of the plain summed-loss loop."""
+        x, ys = batch
+        self.opt.zero_grad(set_to_none=True)
+        loss = torch.stack(self.model.task_losses(self.model(x), ys)).sum()
+        loss.backward()
+        self.opt.step()
+
+
+class _AnalyticWeights(Method):
+    """Shared state of the hand-written rows: weights, ``L(0)``, and the analytic update."""
+
+    def __init__(self, wl: Workload, model: MultiTaskNet) -> None:
+        super().__init__(wl, model)
+        self.trunk_params = list(model.trunk.parameters())
+        self.head_params = [list(h.parameters()) for h in model.heads]
+        self.w = torch.ones(wl.num_tasks, dtype=self.trunk_params[0].dtype)
+        self.initial: Tensor | None = None
+
+    def _update(self, losses: Tensor, norms: Tensor) -> None:
+        """``w <- renorm(clamp(w - lr sign(G - target) n))`` with ``G = w n``."""
+        if self.initial is None:
+            self.initial = losses.detach().clone()
+        t = self.wl.num_tasks
+        gw = self.w * norms
+        ratios = losses.detach() / self.initial
+        rates = ratios / ratios.mean()
+        target = gw.mean() * rates**self.wl.alpha
+        w = (self.w - self.wl.weight_lr * torch.sign(gw - target) * norms).clamp_min(self.wl.min_weight)
+        self.w = w * (t / w.sum())
+
+    def weights(self) -> Tensor:
+        """Current weights."""
+        return self.w
+
+
+class Textbook(Method):
+    """The textbook ``create_graph`` GradNorm (the reference for numbers).
+
+    Per task ``autograd.grad(w_i L_i, X, create_graph=True)`` with ``X`` one of:
+    ``"W"`` all parameters of the last shared layer (the paper), ``"trunk"`` all trunk
+    parameters (what the LibMTL-style row computes), ``"rep"`` the shared layer's output,
+    ``"rep_relu"`` the representation the heads read. Then ``G_i = ||.||``,
+    ``L_grad = sum_i |G_i - G_bar r_i^alpha|`` with the target held constant, its gradient
+    into ``w`` only, SGD on ``w``, clamp to ``min_weight``, renormalise to sum ``T``.
+
+    ``gnp_compat=True`` applies, on top of ``X="W_weight"`` (the weight tensor only), the
+    documented differences of gradnorm-pytorch 0.2.3 (see :class:`GradNormPytorch`).
+    """
+
+    name = "textbook create_graph"
+
+    def __init__(self, wl: Workload, model: MultiTaskNet, wrt: str = "W", gnp_compat: bool = False) -> None:
+        super().__init__(wl, model)
+        self.wrt = wrt
+        self.gnp_compat = gnp_compat
+        self.reference = wrt
+        p = next(model.parameters())
+        self.w = nn.Parameter(torch.ones(wl.num_tasks, dtype=p.dtype))
+        self.wopt = torch.optim.SGD([self.w], lr=wl.weight_lr)
+        self.initial: Tensor | None = None
+
+    def _inputs(self, pre: Tensor, z: Tensor) -> list[Tensor]:
+        if self.wrt == "W":
+            return list(self.model.shared_layer.parameters())
+        if self.wrt == "W_weight":
+            weight = self.model.shared_layer.weight
+            assert isinstance(weight, Tensor)
+            return [weight]
+        if self.wrt == "trunk":
+            return list(self.model.trunk.parameters())
+        if self.wrt == "rep":
+            return [pre]
+        if self.wrt == "rep_relu":
+            return [z]
+        raise ValueError(f"`wrt` must be W, W_weight, trunk, rep or rep_relu; got {self.wrt!r}.")
+
+    def step(self, batch: Batch) -> None:
+        """One textbook GradNorm step."""
+        x, ys = batch
+        t = self.wl.num_tasks
+        self.opt.zero_grad(set_to_none=True)
+        pre, z, outs = self.model.forward_with_rep(x)
+        losses = torch.stack(self.model.task_losses(outs, ys))
+        if self.initial is None:
+            self.initial = losses.detach().clone()
+        (self.w.detach() * losses).sum().backward(retain_graph=True)
+        inputs = self._inputs(pre, z)
+        norms = []
+        for i in range(t):
+            grads = torch.autograd.grad(self.w[i] * losses[i], inputs, retain_graph=True, create_graph=True)
+            norms.append(torch.cat([g.reshape(-1) for g in grads]).norm())
+        g_norms = torch.stack(norms)
+        ratios = losses.detach() / self.initial
+        rates = ratios / ratios.mean()
+        alpha = -self.wl.alpha if self.gnp_compat else self.wl.alpha
+        target = (g_norms.mean() * rates**alpha).detach()
+        if self.gnp_compat:
+            # mean instead of sum, and backward into everything (model grads included)
+            self.w.grad = None
+            (g_norms - target).abs().mean().backward()
+        else:
+            (self.w.grad,) = torch.autograd.grad((g_norms - target).abs().sum(), self.w)
+        self.opt.step()
+        self.wopt.step()
+        with torch.no_grad():
+            if self.gnp_compat:
+                self.w.div_(self.w.abs().sum()).mul_(t)
+            else:
+                self.w.clamp_(min=self.wl.min_weight)
+                self.w.mul_(t / self.w.sum())
+
+    def weights(self) -> Tensor:
+        """Current weights."""
+        return self.w.detach()
+
+
+class LibMTLStyle(_AnalyticWeights):
+    """LibMTL-style GradNorm: norms over ALL shared (trunk) parameters.
+
+    Written from the description (not LibMTL's code): per task one full backward through
+    the trunk and that task's head (``autograd.grad(L_i, trunk + head_i params)``), the
+    per-task trunk gradients stacked into a ``T × P`` matrix, ``n_i`` its row norms; the
+    trunk's gradient is then ``w @ G`` and head ``i``'s is ``w_i × its gradient`` (no extra
+    model backward). The weight gradient is the analytic ``sign(G_i - target_i) n_i``. Same
+    ``w`` parameterisation as the textbook (LibMTL itself uses a softmax), so its trajectory
+    is compared against the textbook with ``X = all trunk parameters``.
+    """
+
+    name = "LibMTL-style (norms over trunk, T backward passes)"
+    reference = "trunk"
+
+    def step(self, batch: Batch) -> None:
+        """One LibMTL-style step."""
+        x, ys = batch
+        t = self.wl.num_tasks
+        self.opt.zero_grad(set_to_none=True)
+        losses = torch.stack(self.model.task_losses(self.model(x), ys))
+        n_trunk = len(self.trunk_params)
+        rows = []
+        for i in range(t):
+            grads = torch.autograd.grad(losses[i], self.trunk_params + self.head_params[i], retain_graph=i < t - 1)
+            rows.append(torch.cat([g.reshape(-1) for g in grads[:n_trunk]]))
+            for p, g in zip(self.head_params[i], grads[n_trunk:], strict=True):
+                p.grad = self.w[i] * g
+        gmat = torch.stack(rows)
+        shared = self.w @ gmat
+        offset = 0
+        for p in self.trunk_params:
+            p.grad = shared[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.opt.step()
+        self._update(losses, gmat.norm(dim=1))
+
+
+class LibMTLRepGrad(_AnalyticWeights):
+    """LibMTL ``rep_grad``-style GradNorm: norms of the per-task gradients at the representation.
+
+    Written from the description: the trunk's output ``z`` (after the ReLU, what the heads
+    read) is detached into ``T`` leaf copies, one per head; per task one backward through
+    that head only gives ``g_i = dL_i/dz`` and the head's gradient (scaled by ``w_i``);
+    ``n_i = ||g_i||`` over the whole batch; then one backward of ``z`` with
+    ``sum_i w_i g_i`` fills the trunk's gradients. Compared against the textbook with
+    ``X = z`` (``rep_relu``). LibMTL itself sums ``g_i`` over the batch before the norm and
+    uses a softmax parameterisation; neither is reproduced here.
+    """
+
+    name = "LibMTL rep_grad-style (norms at the representation, T head passes)"
+    reference = "rep_relu"
+
+    def step(self, batch: Batch) -> None:
+        """One rep_grad-style step."""
+        x, ys = batch
+        self.opt.zero_grad(set_to_none=True)
+        z = self.model.trunk(x)
+        reps = [z.detach().requires_grad_() for _ in self.model.heads]
+        outs = [head(r) for head, r in zip(self.model.heads, reps, strict=True)]
+        losses = torch.stack(self.model.task_losses(outs, ys))
+        rep_grads = []
+        for i, (loss, rep, params) in enumerate(zip(losses, reps, self.head_params, strict=True)):
+            g_rep, *g_head = torch.autograd.grad(loss, [rep, *params])
+            rep_grads.append(g_rep)
+            for p, g in zip(params, g_head, strict=True):
+                p.grad = self.w[i] * g
+        grads = torch.stack(rep_grads)
+        z.backward(torch.tensordot(self.w, grads, dims=1))
+        self.opt.step()
+        self._update(losses, grads.flatten(1).norm(dim=1))
+
+
+class GradNormPytorch(Method):
+    """``gradnorm-pytorch`` 0.2.3 (lucidrains, PyPI), used as its README shows.
+
+    ``GradNormLossWeighter(num_losses=T, learning_rate=lr, restoring_force_alpha=alpha,
+    grad_norm_parameters=shared_layer.weight)``; ``weighter.backward(losses)`` (which runs
+    the model's backward itself), then ``opt.step()``. Differences from the textbook, by
+    design or by accident, which is why this row is not required to match it:
+
+    1. the norm is over the one ``Parameter`` passed (the weight tensor), not the bias;
+    2. ``L_grad`` is ``F.l1_loss`` (a mean over tasks): the weight gradient is ``1/T`` of
+       the paper's, i.e. the effective weight lr is ``lr/T``;
+    3. the target is ``G_bar * r_i ** -alpha`` (negated exponent vs. the paper's ``+alpha``);
+    4. ``L_grad`` is back-propagated with a plain ``backward``, so its gradient leaks into
+       the model parameters' ``.grad`` (heads and trunk) before ``opt.step()``;
+    5. renormalisation is ``w / sum|w| * T`` with no positive floor;
+    6. host syncs (``.item()``) every step.
+
+    The trajectory check compares it with ``Textbook(wrt="W_weight", gnp_compat=True)``,
+    which applies exactly 1-5; a ~0 deviation there shows the list is complete.
+    """
+
+    name = "gradnorm-pytorch 0.2.3"
+    reference = "W"
+    must_match = False
+
+    def __init__(self, wl: Workload, model: MultiTaskNet) -> None:
+        super().__init__(wl, model)
+        from gradnorm_pytorch import GradNormLossWeighter
+
+        dtype = next(model.parameters()).dtype
+        self.weighter = GradNormLossWeighter(
+            num_losses=wl.num_tasks,
+            learning_rate=wl.weight_lr,
+            restoring_force_alpha=wl.alpha,
+            grad_norm_parameters=model.shared_layer.weight,
+        ).to(dtype)
+
+    def step(self, batch: Batch) -> None:
+        """One step as in gradnorm-pytorch's README."""
+        x, ys = batch
+        losses = self.model.task_losses(self.model(x), ys)
+        self.weighter.backward(losses)
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def weights(self) -> Tensor:
+        """Current weights (the weighter's ``loss_weights`` buffer)."""
+        return self.weighter.loss_weights.detach()
+
+
+def project_available() -> bool:
+    """Whether ``gradnorm_lightning`` exposes the core API (``GradNorm``)."""
+    try:
+        from gradnorm_lightning import GradNorm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gradnorm_settings(wl: Workload, mode: str = "auto") -> dict[str, Any]:
+    """Every setting of ``GradNorm``/``GradNormCallback`` that shapes the trajectory, explicit.
+
+    The textbook: SGD on the weights at ``wl.weight_lr`` without decay, ``L(0)`` = the first
+    step's losses, the floor ``wl.min_weight``. Passed explicitly so that a change of the
+    library's defaults cannot change what is measured.
+    """
+    return dict(alpha=wl.alpha, lr=wl.weight_lr, optimizer="sgd", initial_losses=None, initial_loss_steps=1,
+                lr_decay_rate=1.0, min_weight=wl.min_weight, mode=mode)
+
+
+class ProjectGradNorm(Method):
+    """``gradnorm_lightning.GradNorm`` in a plain PyTorch loop (public API only).
+
+    ``loss = gn.combine(losses); loss.backward(); gn.step(); opt.step()`` with the losses
+    as a list. ``views=True`` makes the heads read ``gn.task_views(z)`` (the zero-extra-pass
+    path). Every setting is passed explicitly (:func:`gradnorm_settings`).
+    """
+
+    def __init__(self, wl: Workload, model: MultiTaskNet, views: bool = False, mode: str = "auto",
+                 name: str = "gradnorm-lightning GradNorm", reference: str = "W") -> None:
+        super().__init__(wl, model)
+        from gradnorm_lightning import GradNorm
+
+        self.gn = GradNorm(model.shared_layer, num_tasks=wl.num_tasks, **gradnorm_settings(wl, mode))
+        if views:
+            model.view_fn = self.gn.task_views
+        self.name = name
+        self.reference = reference
+
+    def step(self, batch: Batch) -> None:
+        """One step through the public API."""
+        x, ys = batch
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.gn.combine(self.model.task_losses(self.model(x), ys))
+        loss.backward()
+        self.gn.step()
+        self.opt.step()
+
+    def weights(self) -> Tensor:
+        """``gn.weights``."""
+        return self.gn.weights.detach()
+
+
+MethodFactory = Callable[[Workload, MultiTaskNet], Method]
+
+
+def method_factories(include_project: bool | None = None) -> list[tuple[str, MethodFactory]]:
+    """All rows, in table order, as (key, factory)."""
+    rows: list[tuple[str, MethodFactory]] = [
+        ("plain", PlainSum),
+        ("textbook", Textbook),
+        ("gradnorm-pytorch", GradNormPytorch),
+        ("libmtl", LibMTLStyle),
+        ("libmtl-rep", LibMTLRepGrad),
+    ]
+    if include_project is None:
+        include_project = project_available()
+    if include_project:
+        rows += [
+            ("gnl-default", lambda wl, m: ProjectGradNorm(
+                wl, m, name="gradnorm-lightning default (losses list)")),
+            ("gnl-views", lambda wl, m: ProjectGradNorm(
+                wl, m, views=True, name="gradnorm-lightning task_views")),
+            ("gnl-representation", lambda wl, m: ProjectGradNorm(
+                wl, m, views=True, mode="representation",
+                name="gradnorm-lightning mode=representation + task_views", reference="rep")),
+            ("gnl-representation-noviews", lambda wl, m: ProjectGradNorm(
+                wl, m, mode="representation", name="gradnorm-lightning mode=representation (losses list)",
+                reference="rep")),
+            ("gnl-autograd", lambda wl, m: ProjectGradNorm(
+                wl, m, mode="autograd", name="gradnorm-lightning mode=autograd")),
+        ]
+    return rows
