@@ -17,10 +17,11 @@ loss scales × seed, and reports per (configuration, alpha, scales), over the se
 * the final weights.
 
 ``w(t)`` is the weight vector after ``t`` updates (``w(0) = 1``). The configurations are the
-paper's update (SGD, lr 0.025), Adam at lr 0.025 and 0.01, and any given with
-``--config key=value ...`` (values parsed as Python literals, else strings): every key is
-passed to ``GradNorm`` on top of this script's explicit settings, so an option the library
-does not have yet produces an error row, not a crash. The grid and the data are the same
+library's defaults, the paper's update (SGD, lr 0.025), Adam at lr 0.025, log-space weights
+with SGD and with Adam, and any given with ``--config key=value ...`` (values parsed as
+Python literals, else strings): every key is passed to ``GradNorm``, every other setting is
+the library's default, and an option the library does not have produces an error row, not a
+crash. The grid and the data are the same
 for every configuration (seed ``s`` is both the model's and the data's), so rows are paired.
 """
 
@@ -39,16 +40,15 @@ import torch
 from torch import Tensor, nn
 
 DEFAULT_CONFIGS: tuple[dict[str, Any], ...] = (
-    {"optimizer": "sgd", "lr": 0.025},
+    {},  # the library's defaults
+    {"optimizer": "sgd", "lr": 0.025},  # the paper's update
     {"optimizer": "adam", "lr": 0.025},
-    {"optimizer": "adam", "lr": 0.01},
+    {"weight_space": "log", "optimizer": "sgd", "lr": 0.025},
+    {"weight_space": "log", "optimizer": "adam", "lr": 0.01},
 )
 ALPHAS = (0.12, 1.5)
 SCALES: tuple[tuple[float, ...], ...] = ((1.0, 10.0, 100.0), (1.0, 1.0, 1.0))
 SEEDS = (0, 1, 2)
-#: settings passed to every GradNorm (explicit, so that a change of the defaults shows as a row change)
-BASE_SETTINGS: dict[str, Any] = dict(optimizer="sgd", lr=0.025, initial_losses=None, initial_loss_steps=1,
-                                     lr_decay_rate=1.0, min_weight=1e-4, mode="auto")
 RESERVED = ("alpha", "shared_layer", "num_tasks", "task_names")
 
 
@@ -65,7 +65,7 @@ def train_weights(config: Mapping[str, Any], alpha: float, scales: Sequence[floa
     trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
     heads = nn.ModuleList([nn.Linear(32, 1) for _ in scales])
     optimizer = torch.optim.Adam([*trunk.parameters(), *heads.parameters()], lr=1e-3)
-    gn = GradNorm(trunk[-2], num_tasks=len(scales), **{**BASE_SETTINGS, "alpha": alpha, **config})
+    gn = GradNorm(trunk[-2], num_tasks=len(scales), **{"alpha": alpha, **config})
     g = torch.Generator().manual_seed(seed)
     scale = torch.tensor(list(scales))
     out = [torch.ones(len(scales))]
@@ -127,9 +127,19 @@ def run_row(config: Mapping[str, Any], alpha: float, scales: Sequence[float], se
     return row
 
 
+def _defaults() -> dict[str, Any]:
+    """GradNorm's default settings (those a configuration may override), from its signature."""
+    import inspect
+
+    from gradnorm_lightning import GradNorm
+
+    skip = {"shared_layer", "num_tasks", "task_names", "recorder", "betas", "eps", "lr_staircase", "lr_decay_steps"}
+    return {n: p.default for n, p in inspect.signature(GradNorm).parameters.items() if n not in skip}
+
+
 def config_label(config: Mapping[str, Any]) -> str:
     """``key=value`` pairs, as passed on the command line."""
-    return " ".join(f"{k}={v}" for k, v in config.items()) or "(base settings)"
+    return " ".join(f"{k}={v}" for k, v in config.items()) or "(library defaults)"
 
 
 def _fmt(values: Sequence[float], spec: str, centre: str) -> str:
@@ -209,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = ["# GradNorm weight stability (README quickstart model)", "",
              f"Command: `python {' '.join(command)}`", "",
              f"{args.steps} steps per run, Adam lr 1e-3 on the model, batch 32, targets randn × loss scales; "
-             f"every run also passes {config_label(BASE_SETTINGS)} unless its configuration overrides them. "
+             "every GradNorm setting a configuration does not name is the library's default "
+             f"({config_label(_defaults())}). "
              f"{sum(len(r.low) for r in rows)} runs in {time.perf_counter() - start:.0f} s.", ""]
     lines += markdown(rows, args.after, args.floor, args.seeds)
     text = "\n".join(lines) + "\n"

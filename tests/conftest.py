@@ -36,6 +36,10 @@ _SMALL_DATA = {
 
 ComposeFn = Callable[..., DictConfig]
 
+# The test models are tiny: one intra-op thread is as fast as two, and avoids OpenMP
+# oversubscription (steps ~10x slower) when the 2-core machine is busy with other work.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

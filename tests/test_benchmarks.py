@@ -117,8 +117,8 @@ def test_weight_stability_runs_and_reports_unknown_options_as_error_rows() -> No
                                       after=2)
     assert moving.error is None and moving.change[0] > 1e-4
     assert float(moving.final[0].sum()) == pytest.approx(3.0, abs=1e-4)
-    unknown = weight_stability.run_row({"weight_space": "log"}, 1.5, (1.0, 1.0, 1.0), [0], steps=12, after=2)
-    assert unknown.error is not None and "weight_space" in unknown.error
+    unknown = weight_stability.run_row({"no_such_option": "log"}, 1.5, (1.0, 1.0, 1.0), [0], steps=12, after=2)
+    assert unknown.error is not None and "no_such_option" in unknown.error
     lines = weight_stability.markdown([still, moving, unknown], after=2, floor=1e-3, seeds=1)
     assert len(lines) == 5 and "error: TypeError" in lines[-1] and all(line.count("|") == 7 for line in lines[:-1])
     assert weight_stability.parse_config(["optimizer=adam", "lr=0.01", "weight_space=log"]) == {

@@ -138,7 +138,7 @@ class GradNorm(Balancer):
         *,
         task_names: Sequence[str] | None = None,
         alpha: float = 1.5,
-        lr: float = 0.025,
+        lr: float = 0.01,
         optimizer: str = "adam",
         weight_space: str = "linear",
         initial_losses: float | Sequence[float] | Mapping[str, float] | None = None,

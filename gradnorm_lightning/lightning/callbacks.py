@@ -292,7 +292,7 @@ class GradNormCallback(WeightingCallback):
     def __init__(
         self,
         alpha: float = 1.5,
-        lr: float = 0.025,
+        lr: float = 0.01,
         optimizer: str = "adam",
         weight_space: str = "linear",
         initial_losses: float | Sequence[float] | Mapping[str, float] | None = None,
