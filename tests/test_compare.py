@@ -1,4 +1,4 @@
-"""``gradnorm-compare`` (``python -m gradnorm_lightning.compare``): the normalisation on
+"""``gradnorm-compare`` (``python -m gradnorm_lightning.experiments.compare``): the normalisation on
 hand-made runs, and the command end to end on a tiny setting."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gradnorm_lightning.compare import (
+from gradnorm_lightning.experiments.compare import (
     REPORT_MD,
     RESULTS_JSON,
     RunRecord,

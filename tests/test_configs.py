@@ -13,12 +13,19 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from gradnorm_lightning import GradNormCallback, GradNormMixin
-from gradnorm_lightning.train import instantiate_callbacks, instantiate_loggers
+from gradnorm_lightning.experiments.train import instantiate_callbacks, instantiate_loggers
 from tests.conftest import CONFIG_DIR, EXPERIMENTS, ComposeFn, compose_train_config
 
 
 def _gradnorm_callbacks(cfg: DictConfig) -> list[GradNormCallback]:
     return [cb for cb in instantiate_callbacks(cfg.callbacks) if isinstance(cb, GradNormCallback)]
+
+
+def test_root_configs_link_points_at_the_shipped_configs() -> None:
+    link = Path(__file__).resolve().parents[1] / "configs"
+    assert link.is_symlink()
+    assert link.resolve() == CONFIG_DIR
+    assert CONFIG_DIR.parent.name == "experiments"
 
 
 def test_binding_experiment_files_exist() -> None:

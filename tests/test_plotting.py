@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradnorm_lightning.plotting import find_metrics_csv, main, plot_runs, read_metrics
+from gradnorm_lightning.experiments.plotting import find_metrics_csv, main, plot_runs, read_metrics
 
 TASKS = ("task0", "task1", "task2")
 

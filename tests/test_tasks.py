@@ -1,4 +1,4 @@
-"""The example data modules and multi-task models in ``gradnorm_lightning.tasks``."""
+"""The example data modules and multi-task models in ``gradnorm_lightning.experiments.tasks``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gradnorm_lightning import GradNormMixin
-from gradnorm_lightning.tasks import (
+from gradnorm_lightning.experiments.tasks import (
     BatchedLinear,
     DigitsDataModule,
     DigitsMultiTaskModel,
@@ -19,8 +19,8 @@ from gradnorm_lightning.tasks import (
     PaperToyModel,
     RecsysDataModule,
 )
-from gradnorm_lightning.tasks.mmoe import make_recsys_data
-from gradnorm_lightning.tasks.toy import default_sigmas, make_paper_toy_data
+from gradnorm_lightning.experiments.tasks.mmoe import make_recsys_data
+from gradnorm_lightning.experiments.tasks.toy import default_sigmas, make_paper_toy_data
 
 
 # ----------------------------------------------------------------------------- paper toy

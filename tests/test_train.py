@@ -1,4 +1,4 @@
-"""`train(cfg)` and the `python -m gradnorm_lightning.train` entry point, end to end."""
+"""`train(cfg)` and the `python -m gradnorm_lightning.experiments.train` entry point, end to end."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gradnorm_lightning.train import train
+from gradnorm_lightning.experiments.train import train
 from tests.conftest import EXPERIMENTS, ComposeFn
 
 
@@ -78,7 +78,7 @@ def test_module_entry_point_runs_from_an_unrelated_folder(tmp_path: Path) -> Non
         [
             sys.executable,
             "-m",
-            "gradnorm_lightning.train",
+            "gradnorm_lightning.experiments.train",
             "experiment=paper_toy",
             "trainer.max_steps=5",
             "trainer.log_every_n_steps=1",
@@ -114,10 +114,10 @@ def test_fast_dev_run_debug_preset(compose_cfg: ComposeFn, tmp_path: Path) -> No
 
 def test_console_script_finds_its_configs_from_an_unrelated_folder(tmp_path: Path) -> None:
     # `gradnorm-train` calls main() from an imported module (not __main__), so Hydra looks
-    # the configs up as the package gradnorm_lightning.configs rather than by file path.
+    # the configs up as the package gradnorm_lightning.experiments.configs rather than by file path.
     code = (
         "import sys\n"
-        "from gradnorm_lightning.train import main\n"
+        "from gradnorm_lightning.experiments.train import main\n"
         "sys.argv = ['gradnorm-train', 'experiment=digits_multitask', '--cfg', 'job']\n"
         "main()\n"
     )

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from gradnorm_lightning.tasks._base import (
+from gradnorm_lightning.experiments.tasks._base import (
     Batch,
     MultiTaskModule,
     OptimizerFactory,

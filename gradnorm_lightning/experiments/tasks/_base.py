@@ -1,4 +1,4 @@
-"""Shared plumbing for the example multi-task modules in :mod:`gradnorm_lightning.tasks`.
+"""Shared plumbing for the example multi-task modules in :mod:`gradnorm_lightning.experiments.tasks`.
 
 Each experiment module only has to say how to compute its per-task losses (and, if it
 wants, per-task metrics); training/validation/test steps, logging and optimizer wiring

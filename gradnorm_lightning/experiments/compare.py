@@ -1,7 +1,7 @@
 """``gradnorm-compare``: the GradNorm paper's toy claim (Sec. 5.1, Fig. 2), measured.
 
 Runs ``experiment=paper_toy`` once per (number of tasks ``T``, loss-weighting method, seed)
-in-process with :func:`gradnorm_lightning.train.train`, each run in its own folder
+in-process with :func:`gradnorm_lightning.experiments.train.train`, each run in its own folder
 ``<out>/T<T>/<method>/seed<S>``, and writes a table of the per-task test losses, normalised,
 as mean ± std over seeds:
 
@@ -31,9 +31,9 @@ GradNorm runs get ``callbacks.gradnorm.alpha=<alpha>`` (0.12, the paper's value 
 and otherwise the experiment's GradNorm settings; the baselines get no method-specific
 override. Examples::
 
-    python -m gradnorm_lightning.compare                          # T=10, 5 seeds, 4 methods
-    python -m gradnorm_lightning.compare --num-tasks 2,10 --steps 1000 --out compare_runs
-    python -m gradnorm_lightning.compare --methods equal,gradnorm --seeds 2 --steps 5 \\
+    python -m gradnorm_lightning.experiments.compare                          # T=10, 5 seeds, 4 methods
+    python -m gradnorm_lightning.experiments.compare --num-tasks 2,10 --steps 1000 --out compare_runs
+    python -m gradnorm_lightning.experiments.compare --methods equal,gradnorm --seeds 2 --steps 5 \\
         data.num_train=256 data.num_test=128      # extra Hydra overrides apply to every run
 """
 
@@ -207,7 +207,7 @@ def compose_run_config(overrides: Sequence[str], run_dir: Path) -> Any:
 
     The Hydra node is kept and installed as the current ``HydraConfig`` (its runtime output
     folder set to ``run_dir``), so ``${hydra:...}`` interpolations and the config-group
-    choices that :func:`~gradnorm_lightning.train.train` records resolve as in a real run.
+    choices that :func:`~gradnorm_lightning.experiments.train.train` records resolve as in a real run.
 
     Args:
         overrides: Hydra overrides (see :func:`run_overrides`).
@@ -233,7 +233,7 @@ def compose_run_config(overrides: Sequence[str], run_dir: Path) -> Any:
 
 def _task_sigmas(cfg: Any) -> list[float]:
     """The task scales of a composed paper_toy config (the data module's default if null)."""
-    from gradnorm_lightning.tasks.toy import default_sigmas
+    from gradnorm_lightning.experiments.tasks.toy import default_sigmas
 
     sigmas = cfg.data.get("sigmas")
     if sigmas is None:
@@ -256,7 +256,7 @@ def _run_one(
     Returns:
         The run's record and whether it was loaded instead of trained.
     """
-    from gradnorm_lightning.train import train
+    from gradnorm_lightning.experiments.train import train
 
     run_dir = (out / f"T{num_tasks}" / method / f"seed{seed}").resolve()
     overrides = run_overrides(method, seed, num_tasks, run_dir, steps, alpha, extra)
@@ -584,7 +584,7 @@ def _machine() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point ``gradnorm-compare`` (``python -m gradnorm_lightning.compare``).
+    """Console entry point ``gradnorm-compare`` (``python -m gradnorm_lightning.experiments.compare``).
 
     Args:
         argv: Command-line arguments (default ``sys.argv[1:]``).
@@ -603,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m gradnorm_lightning.compare " + shlex.join(
+    command = "python -m gradnorm_lightning.experiments.compare " + shlex.join(
         list(sys.argv[1:] if argv is None else argv)
     )
     started = _dt.datetime.now(_dt.timezone.utc)

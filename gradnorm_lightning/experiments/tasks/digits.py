@@ -22,7 +22,7 @@ from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 from torchmetrics.wrappers import MultitaskWrapper
 
-from gradnorm_lightning.tasks._base import (
+from gradnorm_lightning.experiments.tasks._base import (
     Batch,
     MultiTaskModule,
     OptimizerFactory,

@@ -1,4 +1,4 @@
-"""Hydra entry point: ``gradnorm-train`` / ``python -m gradnorm_lightning.train``.
+"""Hydra entry point: ``gradnorm-train`` / ``python -m gradnorm_lightning.experiments.train``.
 
 :func:`train` builds everything from the config (``_target_`` entries, instantiated with
 :func:`hydra.utils.instantiate`), fits, tests and writes into the run folder
@@ -6,9 +6,9 @@
 
 * ``csv/metrics.csv``: the logged metrics (CSV logger, the default);
 * ``gradnorm.png``: task weights, gradient norms and inverse training rates per task over
-  steps (:func:`gradnorm_lightning.plotting.plot_runs`);
+  steps (:func:`gradnorm_lightning.experiments.plotting.plot_runs`);
 * ``summary.json`` and ``summary.txt``: final weights, per-task test loss and metric, time
-  per training step and total steps (:mod:`gradnorm_lightning.summary`).
+  per training step and total steps (:mod:`gradnorm_lightning.experiments.summary`).
 
 Examples::
 
@@ -32,8 +32,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
-from gradnorm_lightning.plotting import plot_runs
-from gradnorm_lightning.summary import StepTimer, build_summary, format_summary, write_summary
+from gradnorm_lightning.experiments.plotting import plot_runs
+from gradnorm_lightning.experiments.summary import (
+    StepTimer,
+    build_summary,
+    format_summary,
+    write_summary,
+)
 
 __all__ = ["instantiate_callbacks", "instantiate_loggers", "main", "train"]
 
@@ -125,7 +130,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             null), and the flags ``test`` and ``plot``.
 
     Returns:
-        The summary (see :func:`gradnorm_lightning.summary.build_summary`) with the paths
+        The summary (see :func:`gradnorm_lightning.experiments.summary.build_summary`) with the paths
         of the files written under ``files``.
 
     Raises:

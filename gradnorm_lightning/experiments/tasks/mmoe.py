@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.wrappers import MultitaskWrapper
 
-from gradnorm_lightning.tasks._base import (
+from gradnorm_lightning.experiments.tasks._base import (
     Batch,
     MultiTaskModule,
     OptimizerFactory,
