@@ -172,6 +172,38 @@ def test_group_options_compose(override: str) -> None:
     assert cfg.trainer._target_ == "lightning.pytorch.trainer.Trainer"
 
 
+_LOGGERS = {
+    "csv": ["CSVLogger"],
+    "tensorboard": ["TensorBoardLogger"],
+    "csv_tensorboard": ["CSVLogger", "TensorBoardLogger"],
+    "none": [],
+}
+
+
+def test_every_logger_config_is_tested() -> None:
+    assert {p.stem for p in (CONFIG_DIR / "logger").glob("*.yaml")} == set(_LOGGERS)
+
+
+@pytest.mark.parametrize("override", [*(f"logger={name}" for name in _LOGGERS), "~logger"])
+def test_every_logger_config_composes_and_instantiates(
+    compose_cfg: ComposeFn, tmp_path: Path, override: str
+) -> None:
+    cfg = compose_cfg(override)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    expected = _LOGGERS.get(override.removeprefix("logger="), [])
+    assert [type(lg).__name__ for lg in loggers] == expected
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False)
+    assert len(trainer.loggers) == len(loggers)
+    for lg in loggers:
+        assert Path(lg.save_dir).resolve().is_relative_to(tmp_path.resolve())
+
+
+def test_hydra_refuses_null_for_a_config_group() -> None:
+    # Why logger/none.yaml exists: `logger=null` is not a way to drop the group in Hydra 1.3.
+    with pytest.raises(ValueError, match="Config group override must be a string or a list"):
+        compose_train_config(["logger=null"])
+
+
 def test_cpu_trainer_and_loggers_instantiate(compose_cfg: ComposeFn, tmp_path: Path) -> None:
     cfg = compose_cfg("trainer=cpu", "logger=csv_tensorboard")
     loggers = instantiate_loggers(cfg.logger)
