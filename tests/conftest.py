@@ -21,7 +21,7 @@ from omegaconf import DictConfig, open_dict
 import gradnorm_lightning.experiments
 
 CONFIG_DIR = Path(gradnorm_lightning.experiments.__file__).resolve().parent / "configs"
-EXPERIMENTS = ("paper_toy", "mmoe_recsys", "digits_multitask")
+EXPERIMENTS = ("paper_toy", "mmoe_recsys", "digits_multitask", "dense_synthetic")
 
 # Data sizes small enough for a few-step run, per data module target.
 _SMALL_DATA = {
@@ -32,6 +32,9 @@ _SMALL_DATA = {
         num_train=512, num_val=256, num_test=512, batch_size=64
     ),
     "gradnorm_lightning.experiments.tasks.digits.DigitsDataModule": dict(batch_size=64),
+    "gradnorm_lightning.experiments.tasks.dense.DenseDataModule": dict(
+        image_size=16, num_train=64, num_val=16, num_test=32, batch_size=8
+    ),
 }
 
 ComposeFn = Callable[..., DictConfig]

@@ -82,6 +82,17 @@ def test_mmoe_uses_the_keras_setup(compose_cfg: ComposeFn) -> None:
     assert gradnorm.lr_decay_steps == 100
 
 
+def test_dense_uses_the_paper_nyuv2_alpha(compose_cfg: ComposeFn) -> None:
+    cfg = compose_cfg("experiment=dense_synthetic")
+    (gradnorm,) = _gradnorm_callbacks(cfg)
+    assert gradnorm.alpha == pytest.approx(1.5)
+    assert gradnorm.optimizer == "adam"
+    assert gradnorm.lr == pytest.approx(0.025)
+    model = hydra.utils.instantiate(cfg.model)
+    assert type(model.shared_layer()).__name__ == "Conv2d"
+    assert model.num_classes == cfg.data.num_classes
+
+
 def test_gradnorm_yaml_lists_every_callback_argument() -> None:
     cfg = compose_train_config()
     params = set(inspect.signature(GradNormCallback.__init__).parameters) - {"self"}

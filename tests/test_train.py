@@ -25,7 +25,7 @@ def _assert_finite_tasks(summary: dict[str, object], expected_tasks: int) -> Non
             assert math.isfinite(row["test_metric"]), name
 
 
-@pytest.mark.parametrize(("experiment", "num_tasks"), zip(EXPERIMENTS, (10, 3, 4), strict=True))
+@pytest.mark.parametrize(("experiment", "num_tasks"), zip(EXPERIMENTS, (10, 3, 4, 3), strict=True))
 def test_experiment_runs_and_writes_outputs(
     compose_cfg: ComposeFn, tmp_path: Path, experiment: str, num_tasks: int
 ) -> None:
