@@ -9,6 +9,8 @@ from pathlib import Path
 import hydra
 import lightning as L
 import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
@@ -189,6 +191,41 @@ _LOGGERS = {
     "csv_tensorboard": ["CSVLogger", "TensorBoardLogger"],
     "none": [],
 }
+
+
+# data option -> the model option it goes with (the model reads sizes from `data`).
+_DATA_MODEL = {"paper_toy": "paper_toy", "recsys": "mmoe", "digits": "digits", "dense": "dense"}
+_GROUPS = ("callbacks", "data", "debug", "experiment", "logger", "model", "trainer", "weighting")
+_OPTIONS = [(g, p.stem) for g in _GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
+
+
+def test_every_data_and_model_option_is_paired() -> None:
+    assert {o for g, o in _OPTIONS if g == "data"} == set(_DATA_MODEL)
+    assert {o for g, o in _OPTIONS if g == "model"} == set(_DATA_MODEL.values())
+
+
+@pytest.mark.parametrize(("group", "option"), _OPTIONS, ids=[f"{g}={o}" for g, o in _OPTIONS])
+def test_every_config_file_composes_resolves_and_instantiates(
+    tmp_path: Path, group: str, option: str
+) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "data":
+        overrides.append(f"model={_DATA_MODEL[option]}")
+    elif group == "model":
+        overrides.append(f"data={dict(map(reversed, _DATA_MODEL.items()))[option]}")
+    cfg = compose_train_config(overrides)
+    cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    for key in cfg:
+        if key != "hydra" and OmegaConf.is_config(cfg[key]):
+            OmegaConf.to_container(cfg[key], resolve=True)
+    assert isinstance(hydra.utils.instantiate(cfg.data), L.LightningDataModule)
+    assert isinstance(hydra.utils.instantiate(cfg.model), GradNormMixin)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    if not (group == "trainer" and option == "gpu" and not torch.cuda.is_available()):
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        assert isinstance(trainer, L.Trainer)
 
 
 def test_every_logger_config_is_tested() -> None:
