@@ -18,20 +18,23 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import gradnorm_lightning
+import gradnorm_lightning.experiments
 
-CONFIG_DIR = Path(gradnorm_lightning.__file__).resolve().parent / "configs"
-EXPERIMENTS = ("paper_toy", "mmoe_recsys", "digits_multitask")
+CONFIG_DIR = Path(gradnorm_lightning.experiments.__file__).resolve().parent / "configs"
+EXPERIMENTS = ("paper_toy", "mmoe_recsys", "digits_multitask", "dense_synthetic")
 
 # Data sizes small enough for a few-step run, per data module target.
 _SMALL_DATA = {
-    "gradnorm_lightning.tasks.toy.PaperToyDataModule": dict(
+    "gradnorm_lightning.experiments.tasks.toy.PaperToyDataModule": dict(
         num_train=256, num_val=64, num_test=128, batch_size=32
     ),
-    "gradnorm_lightning.tasks.mmoe.RecsysDataModule": dict(
+    "gradnorm_lightning.experiments.tasks.mmoe.RecsysDataModule": dict(
         num_train=512, num_val=256, num_test=512, batch_size=64
     ),
-    "gradnorm_lightning.tasks.digits.DigitsDataModule": dict(batch_size=64),
+    "gradnorm_lightning.experiments.tasks.digits.DigitsDataModule": dict(batch_size=64),
+    "gradnorm_lightning.experiments.tasks.dense.DenseDataModule": dict(
+        image_size=16, num_train=64, num_val=16, num_test=32, batch_size=8
+    ),
 }
 
 ComposeFn = Callable[..., DictConfig]

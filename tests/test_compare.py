@@ -1,4 +1,4 @@
-"""``gradnorm-compare`` (``python -m gradnorm_lightning.compare``): the normalisation on
+"""``gradnorm-compare`` (``python -m gradnorm_lightning.experiments.compare``): the normalisation on
 hand-made runs, and the command end to end on a tiny setting."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from gradnorm_lightning.compare import (
+from gradnorm_lightning.experiments.compare import (
     REPORT_MD,
     RESULTS_JSON,
     RunRecord,
     aggregate,
+    format_report,
     main,
     normalise,
     run_overrides,
@@ -159,3 +160,88 @@ def test_command_on_a_tiny_setting(tmp_path: Path) -> None:
     assert main([*args, "--reuse"]) == 0
     again = json.loads((out / RESULTS_JSON).read_text())["runs"]
     assert [r["wall_s"] for r in again] == [r["wall_s"] for r in runs]
+
+
+# ----------------------------------------------------------------------------- dense_synthetic
+def test_dense_overrides_have_no_task_count(tmp_path: Path) -> None:
+    overrides = run_overrides(
+        "gradnorm", 2, None, tmp_path, steps=9, alpha=1.5, experiment="dense_synthetic"
+    )
+    assert overrides[:4] == ["experiment=dense_synthetic", "weighting=gradnorm", "seed=2", "data.seed=2"]
+    assert "callbacks.gradnorm.alpha=1.5" in overrides and "trainer.max_steps=9" in overrides
+    assert not any(o.startswith("data.num_tasks") for o in overrides)
+    assert "task_name=compare_dense_synthetic_gradnorm_seed2" in overrides
+    with pytest.raises(ValueError, match="`num_tasks` must be None"):
+        run_overrides("equal", 0, 3, tmp_path, experiment="dense_synthetic")
+    with pytest.raises(ValueError, match="`num_tasks` must be an int"):
+        run_overrides("equal", 0, None, tmp_path)
+    with pytest.raises(ValueError, match="`experiment` must be one of"):
+        run_overrides("equal", 0, None, tmp_path, experiment="nyuv2")
+
+
+def test_report_without_scales_shows_the_task_metrics() -> None:
+    def run(method: str, seed: int, losses: list[float], metrics: list[float]) -> RunRecord:
+        names = ("seg", "depth", "normals")
+        return RunRecord(
+            3, method, seed, dict(zip(names, losses)), [], experiment="dense_synthetic",
+            test_metrics=dict(zip(names, metrics)),
+        )
+
+    runs = [
+        run("equal", 0, [1.0, 2.0, 4.0], [0.5, 2.0, 30.0]),
+        run("gradnorm", 0, [0.5, 2.0, 4.0], [0.7, 2.0, 20.0]),
+        run("equal", 1, [1.0, 1.0, 1.0], [0.3, 1.0, 40.0]),
+        run("gradnorm", 1, [2.0, 1.0, 1.0], [0.5, 1.0, 30.0]),
+    ]
+    rows = normalise(runs)
+    assert all(row["scaled"] is None for row in rows)
+    table = {a.method: a for a in aggregate(runs)}
+    assert table["gradnorm"].mean["rel_equal"] == pytest.approx((2.5 / 3 + 4.0 / 3) / 2)
+    assert table["gradnorm"].metric_mean == pytest.approx({"seg": 0.6, "depth": 1.5, "normals": 25.0})
+    assert table["equal"].metric_std["normals"] == pytest.approx(math.sqrt(50.0))
+    report = format_report(runs, list(table.values()), metric_labels={"seg": "seg mIoU ↑"})
+    assert "L/σ²" not in report and "σ_i" not in report
+    assert "| method | seg mIoU ↑ | depth | normals |" in report
+    assert "| gradnorm | 0.6 ± 0.14 | 1.5 ± 0.71 | 25 ± 7.1 |" in report
+
+
+_TINY_DENSE = [
+    "data.image_size=16",
+    "data.num_train=32",
+    "data.num_val=8",
+    "data.num_test=16",
+    "data.batch_size=8",
+    "model.channels=8",
+    "model.decoder_channels=4",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def test_command_on_dense_with_tiny_sizes(tmp_path: Path) -> None:
+    out = tmp_path / "dense"
+    args = ["--experiment", "dense_synthetic", "--seeds", "1", "--steps", "3", "--out", str(out)]
+    assert main([*args, "--threads", "0", *_TINY_DENSE]) == 0
+
+    results = json.loads((out / RESULTS_JSON).read_text())
+    assert [r["method"] for r in results["runs"]] == ["equal", "gradnorm", "uncertainty", "dwa"]
+    for r in results["runs"]:
+        assert r["experiment"] == "dense_synthetic" and r["num_tasks"] == 3 and r["sigmas"] == []
+        assert r["total_steps"] == 3
+        assert Path(r["run_dir"]) == (out / "dense_synthetic" / r["method"] / "seed0").resolve()
+        assert set(r["test_metrics"]) == {"seg", "depth", "normals"}
+        assert all(math.isfinite(v) for v in [*r["test_losses"].values(), *r["test_metrics"].values()])
+    (gradnorm,) = [r for r in results["runs"] if r["method"] == "gradnorm"]
+    assert "callbacks.gradnorm.alpha=1.5" in gradnorm["overrides"]
+    assert sum(gradnorm["final_weights"].values()) == pytest.approx(3, rel=1e-4)
+    report = (out / REPORT_MD).read_text()
+    assert report.startswith("# Synthetic dense prediction")
+    assert "| equal | 1 |" in report and "normals mean angle (°) ↓" in report
+    assert "alpha=1.5; other settings from experiment=dense_synthetic" in report
+
+
+def test_task_count_is_refused_for_dense(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--experiment", "dense_synthetic", "--num-tasks", "3"])
+    assert excinfo.value.code == 2
+    assert "--num-tasks applies to paper_toy only" in capsys.readouterr().err

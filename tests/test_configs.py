@@ -9,16 +9,25 @@ from pathlib import Path
 import hydra
 import lightning as L
 import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from gradnorm_lightning import GradNormCallback, GradNormMixin
-from gradnorm_lightning.train import instantiate_callbacks, instantiate_loggers
+from gradnorm_lightning.experiments.train import instantiate_callbacks, instantiate_loggers
 from tests.conftest import CONFIG_DIR, EXPERIMENTS, ComposeFn, compose_train_config
 
 
 def _gradnorm_callbacks(cfg: DictConfig) -> list[GradNormCallback]:
     return [cb for cb in instantiate_callbacks(cfg.callbacks) if isinstance(cb, GradNormCallback)]
+
+
+def test_root_configs_link_points_at_the_shipped_configs() -> None:
+    link = Path(__file__).resolve().parents[1] / "configs"
+    assert link.is_symlink()
+    assert link.resolve() == CONFIG_DIR
+    assert CONFIG_DIR.parent.name == "experiments"
 
 
 def test_binding_experiment_files_exist() -> None:
@@ -73,6 +82,17 @@ def test_mmoe_uses_the_keras_setup(compose_cfg: ComposeFn) -> None:
     assert gradnorm.lr == pytest.approx(1e-2)
     assert gradnorm.lr_decay_rate == pytest.approx(0.75)
     assert gradnorm.lr_decay_steps == 100
+
+
+def test_dense_uses_the_paper_nyuv2_alpha(compose_cfg: ComposeFn) -> None:
+    cfg = compose_cfg("experiment=dense_synthetic")
+    (gradnorm,) = _gradnorm_callbacks(cfg)
+    assert gradnorm.alpha == pytest.approx(1.5)
+    assert gradnorm.optimizer == "adam"
+    assert gradnorm.lr == pytest.approx(0.025)
+    model = hydra.utils.instantiate(cfg.model)
+    assert type(model.shared_layer()).__name__ == "Conv2d"
+    assert model.num_classes == cfg.data.num_classes
 
 
 def test_gradnorm_yaml_lists_every_callback_argument() -> None:
@@ -163,6 +183,73 @@ def test_group_options_compose(override: str) -> None:
     cfg = compose_train_config([override])
     OmegaConf.resolve(cfg.trainer)
     assert cfg.trainer._target_ == "lightning.pytorch.trainer.Trainer"
+
+
+_LOGGERS = {
+    "csv": ["CSVLogger"],
+    "tensorboard": ["TensorBoardLogger"],
+    "csv_tensorboard": ["CSVLogger", "TensorBoardLogger"],
+    "none": [],
+}
+
+
+# data option -> the model option it goes with (the model reads sizes from `data`).
+_DATA_MODEL = {"paper_toy": "paper_toy", "recsys": "mmoe", "digits": "digits", "dense": "dense"}
+_GROUPS = ("callbacks", "data", "debug", "experiment", "logger", "model", "trainer", "weighting")
+_OPTIONS = [(g, p.stem) for g in _GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
+
+
+def test_every_data_and_model_option_is_paired() -> None:
+    assert {o for g, o in _OPTIONS if g == "data"} == set(_DATA_MODEL)
+    assert {o for g, o in _OPTIONS if g == "model"} == set(_DATA_MODEL.values())
+
+
+@pytest.mark.parametrize(("group", "option"), _OPTIONS, ids=[f"{g}={o}" for g, o in _OPTIONS])
+def test_every_config_file_composes_resolves_and_instantiates(
+    tmp_path: Path, group: str, option: str
+) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "data":
+        overrides.append(f"model={_DATA_MODEL[option]}")
+    elif group == "model":
+        overrides.append(f"data={dict(map(reversed, _DATA_MODEL.items()))[option]}")
+    cfg = compose_train_config(overrides)
+    cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    for key in cfg:
+        if key != "hydra" and OmegaConf.is_config(cfg[key]):
+            OmegaConf.to_container(cfg[key], resolve=True)
+    assert isinstance(hydra.utils.instantiate(cfg.data), L.LightningDataModule)
+    assert isinstance(hydra.utils.instantiate(cfg.model), GradNormMixin)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    if not (group == "trainer" and option == "gpu" and not torch.cuda.is_available()):
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        assert isinstance(trainer, L.Trainer)
+
+
+def test_every_logger_config_is_tested() -> None:
+    assert {p.stem for p in (CONFIG_DIR / "logger").glob("*.yaml")} == set(_LOGGERS)
+
+
+@pytest.mark.parametrize("override", [*(f"logger={name}" for name in _LOGGERS), "~logger"])
+def test_every_logger_config_composes_and_instantiates(
+    compose_cfg: ComposeFn, tmp_path: Path, override: str
+) -> None:
+    cfg = compose_cfg(override)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    expected = _LOGGERS.get(override.removeprefix("logger="), [])
+    assert [type(lg).__name__ for lg in loggers] == expected
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False)
+    assert len(trainer.loggers) == len(loggers)
+    for lg in loggers:
+        assert Path(lg.save_dir).resolve().is_relative_to(tmp_path.resolve())
+
+
+def test_hydra_refuses_null_for_a_config_group() -> None:
+    # Why logger/none.yaml exists: `logger=null` is not a way to drop the group in Hydra 1.3.
+    with pytest.raises(ValueError, match="Config group override must be a string or a list"):
+        compose_train_config(["logger=null"])
 
 
 def test_cpu_trainer_and_loggers_instantiate(compose_cfg: ComposeFn, tmp_path: Path) -> None:

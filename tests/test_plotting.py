@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradnorm_lightning.plotting import find_metrics_csv, main, plot_runs, read_metrics
+from gradnorm_lightning.experiments.plotting import find_metrics_csv, main, plot_runs, read_metrics
 
 TASKS = ("task0", "task1", "task2")
 
@@ -62,6 +62,10 @@ def test_find_metrics_csv(tmp_path: Path) -> None:
     _write_run(tmp_path / "run" / "again")
     with pytest.raises(ValueError, match=r"Several metrics\.csv"):
         find_metrics_csv(tmp_path / "run")
+    # A gradnorm-train run folder: the recorder's own file wins over the loggers' below it.
+    own = tmp_path / "run" / "metrics.csv"
+    own.write_text(path.read_text())
+    assert find_metrics_csv(tmp_path / "run") == own
 
 
 def test_plot_single_and_overlaid_runs(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The example data modules and multi-task models in ``gradnorm_lightning.tasks``."""
+"""The example data modules and multi-task models in ``gradnorm_lightning.experiments.tasks``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from gradnorm_lightning import GradNormMixin
-from gradnorm_lightning.tasks import (
+from gradnorm_lightning.experiments.tasks import (
     BatchedLinear,
+    DenseDataModule,
+    DenseMultiTaskModel,
     DigitsDataModule,
     DigitsMultiTaskModel,
     MMoEModel,
@@ -19,8 +21,9 @@ from gradnorm_lightning.tasks import (
     PaperToyModel,
     RecsysDataModule,
 )
-from gradnorm_lightning.tasks.mmoe import make_recsys_data
-from gradnorm_lightning.tasks.toy import default_sigmas, make_paper_toy_data
+from gradnorm_lightning.experiments.tasks.dense import MeanAngularError, make_dense_data
+from gradnorm_lightning.experiments.tasks.mmoe import make_recsys_data
+from gradnorm_lightning.experiments.tasks.toy import default_sigmas, make_paper_toy_data
 
 
 # ----------------------------------------------------------------------------- paper toy
@@ -127,6 +130,61 @@ def test_digits_splits_are_disjoint_and_ink_is_standardised() -> None:
         DigitsDataModule(val_fraction=0.5, test_fraction=0.5)
 
 
+# ----------------------------------------------------------------------------- dense
+def test_dense_data_is_seeded_and_its_targets_are_consistent() -> None:
+    (image, seg, depth, normals), (image_b, *_) = make_dense_data([32, 8], image_size=16, seed=2)
+    ((again, *_),) = make_dense_data([32], image_size=16, seed=2)
+    ((other, *_),) = make_dense_data([32], image_size=16, seed=3)
+    assert torch.equal(image, again) and not torch.equal(image, other)
+    assert image.shape == (32, 3, 16, 16) and image_b.shape == (8, 3, 16, 16)
+    assert seg.dtype == torch.long and set(seg.unique().tolist()) == {0, 1, 2, 3}
+    torch.testing.assert_close(normals.norm(dim=1), torch.ones(32, 16, 16))
+    assert float(depth.min()) > 1.0 and float(depth.max()) < 6.0
+    # Shapes stand in front of the background plane.
+    background = seg == 0
+    assert float(depth[:, 0][~background].mean()) < float(depth[:, 0][background].mean())
+    assert float(normals[:, 2][background].min()) > 0.8  # a gently tilted plane
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(image_size=15), ValueError, "even number >= 8"),
+        (dict(num_classes=1), ValueError, "`num_classes` must be >= 2"),
+        (dict(noise=-0.1), ValueError, "`noise` must be >= 0"),
+        (dict(max_shapes=1.5), TypeError, "`max_shapes` must be an int"),
+    ],
+    ids=["odd-size", "one-class", "negative-noise", "float-shapes"],
+)
+def test_dense_data_rejects_bad_arguments(
+    kwargs: dict[str, object], error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        make_dense_data([4], **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(error, match=match):
+        DenseDataModule(**kwargs)  # type: ignore[arg-type]
+
+
+def test_mean_angular_error_in_degrees() -> None:
+    metric = MeanAngularError()
+    target = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]).view(2, 3, 1, 1)
+    metric.update(torch.tensor([[0.0, 0.0, 2.0], [1.0, 0.0, 1.0]]).view(2, 3, 1, 1), target)
+    assert float(metric.compute()) == pytest.approx((0.0 + 45.0) / 2, abs=1e-4)
+
+
+def test_dense_model_outputs_and_metrics() -> None:
+    model = DenseMultiTaskModel(num_classes=5, channels=8, decoder_channels=4)
+    out = model(torch.zeros(2, 3, 12, 12))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "seg": (2, 5, 12, 12),
+        "depth": (2, 1, 12, 12),
+        "normals": (2, 3, 12, 12),
+    }
+    assert type(model.shared_layer()) is nn.Conv2d
+    with pytest.raises(ValueError, match="`channels` must be even"):
+        DenseMultiTaskModel(channels=7)
+
+
 # ----------------------------------------------------------------------------- models
 def _toy() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     dm = PaperToyDataModule(num_tasks=3, num_train=16, num_val=8, num_test=8, batch_size=8)
@@ -143,7 +201,15 @@ def _digits() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return DigitsMultiTaskModel(optimizer=torch.optim.Adam), next(iter(dm.train_dataloader()))
 
 
-@pytest.mark.parametrize("build", [_toy, _mmoe, _digits], ids=["toy", "mmoe", "digits"])
+def _dense() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    dm = DenseDataModule(image_size=16, num_train=8, num_val=4, num_test=4, batch_size=4)
+    model = DenseMultiTaskModel(channels=8, decoder_channels=4, optimizer=torch.optim.Adam)
+    return model, next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize(
+    "build", [_toy, _mmoe, _digits, _dense], ids=["toy", "mmoe", "digits", "dense"]
+)
 def test_every_task_loss_reaches_the_shared_layer(build) -> None:  # type: ignore[no-untyped-def]
     model, batch = build()
     assert isinstance(model, GradNormMixin)
@@ -156,7 +222,9 @@ def test_every_task_loss_reaches_the_shared_layer(build) -> None:  # type: ignor
         assert sum(float(g.norm()) for g in grads) > 0, name
 
 
-@pytest.mark.parametrize("build", [_toy, _mmoe, _digits], ids=["toy", "mmoe", "digits"])
+@pytest.mark.parametrize(
+    "build", [_toy, _mmoe, _digits, _dense], ids=["toy", "mmoe", "digits", "dense"]
+)
 def test_task_views_do_not_change_the_model(build) -> None:  # type: ignore[no-untyped-def]
     model, batch = build()
     plain = model.task_losses(batch)

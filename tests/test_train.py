@@ -1,4 +1,4 @@
-"""`train(cfg)` and the `python -m gradnorm_lightning.train` entry point, end to end."""
+"""`train(cfg)` and the `python -m gradnorm_lightning.experiments.train` entry point, end to end."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gradnorm_lightning.train import train
+from gradnorm_lightning.experiments.train import train
 from tests.conftest import EXPERIMENTS, ComposeFn
 
 
@@ -25,7 +25,7 @@ def _assert_finite_tasks(summary: dict[str, object], expected_tasks: int) -> Non
             assert math.isfinite(row["test_metric"]), name
 
 
-@pytest.mark.parametrize(("experiment", "num_tasks"), zip(EXPERIMENTS, (10, 3, 4), strict=True))
+@pytest.mark.parametrize(("experiment", "num_tasks"), zip(EXPERIMENTS, (10, 3, 4, 3), strict=True))
 def test_experiment_runs_and_writes_outputs(
     compose_cfg: ComposeFn, tmp_path: Path, experiment: str, num_tasks: int
 ) -> None:
@@ -44,10 +44,40 @@ def test_experiment_runs_and_writes_outputs(
     table = (tmp_path / "summary.txt").read_text()
     assert all(name in table for name in summary["tasks"])
     assert (tmp_path / "gradnorm.png").stat().st_size > 0
-    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
     first_task = next(iter(summary["tasks"]))
-    for key in ("weight", "grad_norm", "inverse_rate", "loss_ratio"):
-        assert f"gradnorm/{key}/{first_task}" in header
+    for path in (tmp_path / "metrics.csv", tmp_path / "csv" / "metrics.csv"):
+        header = path.read_text().splitlines()[0]
+        for key in ("weight", "grad_norm", "inverse_rate", "loss_ratio"):
+            assert f"gradnorm/{key}/{first_task}" in header
+    assert summary["files"]["metrics_csv"] == str(tmp_path / "metrics.csv")
+    assert summary["files"]["figure"] == str(tmp_path / "gradnorm.png")
+
+
+@pytest.mark.parametrize(
+    ("logger", "csv_logger", "tensorboard"),
+    [
+        ("logger=tensorboard", False, True),
+        ("logger=csv_tensorboard", True, True),
+        ("logger=none", False, False),
+        ("~logger", False, False),
+    ],
+    ids=["tensorboard", "csv_tensorboard", "none", "removed"],
+)
+def test_figure_and_summary_with_any_logger(
+    compose_cfg: ComposeFn, tmp_path: Path, logger: str, csv_logger: bool, tensorboard: bool
+) -> None:
+    cfg = compose_cfg("experiment=mmoe_recsys", logger, steps=3)
+    summary = train(cfg)
+
+    assert (tmp_path / "gradnorm.png").stat().st_size > 0
+    assert json.loads((tmp_path / "summary.json").read_text())["total_steps"] == 3
+    assert (tmp_path / "summary.txt").is_file()
+    _assert_finite_tasks(summary, 3)
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:2] == ["epoch", "step"]
+    assert {"gradnorm/weight/click", "train/loss/convert", "train/loss"} <= set(header)
+    assert (tmp_path / "csv" / "metrics.csv").is_file() == csv_logger
+    assert any((tmp_path / "tensorboard").rglob("events.out.tfevents.*")) == tensorboard
 
 
 @pytest.mark.parametrize("weighting", ["~weighting", "weighting=equal"])
@@ -78,7 +108,7 @@ def test_module_entry_point_runs_from_an_unrelated_folder(tmp_path: Path) -> Non
         [
             sys.executable,
             "-m",
-            "gradnorm_lightning.train",
+            "gradnorm_lightning.experiments.train",
             "experiment=paper_toy",
             "trainer.max_steps=5",
             "trainer.log_every_n_steps=1",
@@ -100,6 +130,7 @@ def test_module_entry_point_runs_from_an_unrelated_folder(tmp_path: Path) -> Non
     _assert_finite_tasks(summary, 10)
     assert (run_dir / "gradnorm.png").exists()
     assert (run_dir / "summary.txt").exists()
+    assert (run_dir / "metrics.csv").exists()
     assert (run_dir / "csv" / "metrics.csv").exists()
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
 
@@ -114,10 +145,10 @@ def test_fast_dev_run_debug_preset(compose_cfg: ComposeFn, tmp_path: Path) -> No
 
 def test_console_script_finds_its_configs_from_an_unrelated_folder(tmp_path: Path) -> None:
     # `gradnorm-train` calls main() from an imported module (not __main__), so Hydra looks
-    # the configs up as the package gradnorm_lightning.configs rather than by file path.
+    # the configs up as the package gradnorm_lightning.experiments.configs rather than by file path.
     code = (
         "import sys\n"
-        "from gradnorm_lightning.train import main\n"
+        "from gradnorm_lightning.experiments.train import main\n"
         "sys.argv = ['gradnorm-train', 'experiment=digits_multitask', '--cfg', 'job']\n"
         "main()\n"
     )

@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.wrappers import MultitaskWrapper
 
-from gradnorm_lightning.tasks._base import (
+from gradnorm_lightning.experiments.tasks._base import (
     Batch,
     MultiTaskModule,
     OptimizerFactory,
@@ -168,29 +168,22 @@ class RecsysDataModule(SplitDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
         self.num_features = num_features
         self.rates = [float(r) for r in rates]
         self.noise = [float(s) for s in noise]
         self.sizes = (num_train, num_val, num_test)
-        self.batch_size = _check_positive_int("batch_size", batch_size)
-        self.seed = seed
-        self.num_workers = num_workers
-        self._splits: dict[str, TensorDataset] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        """Generate the three splits once (idempotent).
+    def build_splits(self) -> dict[str, TensorDataset]:
+        """Generate the three splits (called once, by ``setup``).
 
-        Args:
-            stage: Lightning stage (unused).
+        Returns:
+            ``train``/``val``/``test`` datasets of ``(x, y)`` pairs.
         """
-        if self._splits:
-            return
         splits = make_recsys_data(
             self.sizes, self.num_features, self.rates, self.noise, seed=self.seed
         )
-        for name, (x, y) in zip(("train", "val", "test"), splits, strict=True):
-            self._splits[name] = TensorDataset(x, y)
+        return self._datasets(splits)
 
 
 class BatchedLinear(nn.Module):

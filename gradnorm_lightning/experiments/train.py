@@ -1,14 +1,20 @@
-"""Hydra entry point: ``gradnorm-train`` / ``python -m gradnorm_lightning.train``.
+"""Hydra entry point: ``gradnorm-train`` / ``python -m gradnorm_lightning.experiments.train``.
 
 :func:`train` builds everything from the config (``_target_`` entries, instantiated with
 :func:`hydra.utils.instantiate`), fits, tests and writes into the run folder
 (``cfg.paths.output_dir``, Hydra's run directory):
 
-* ``csv/metrics.csv``: the logged metrics (CSV logger, the default);
+* ``metrics.csv``: the training curves (``train/*`` and ``gradnorm/*`` on the Trainer's
+  logging steps), recorded by :class:`~gradnorm_lightning.experiments.recorder.MetricsRecorder`
+  whatever logger is configured (``logger=csv``, ``tensorboard``, ``csv_tensorboard``, or
+  none: ``logger=none`` or ``~logger``);
 * ``gradnorm.png``: task weights, gradient norms and inverse training rates per task over
-  steps (:func:`gradnorm_lightning.plotting.plot_runs`);
+  steps (:func:`gradnorm_lightning.experiments.plotting.plot_runs`), drawn from that file;
 * ``summary.json`` and ``summary.txt``: final weights, per-task test loss and metric, time
-  per training step and total steps (:mod:`gradnorm_lightning.summary`).
+  per training step and total steps (:mod:`gradnorm_lightning.experiments.summary`);
+* the loggers' own files: ``csv/metrics.csv`` (CSV logger, the default; all logged keys,
+  validation and test included), ``tensorboard/`` (TensorBoard logger);
+* ``checkpoints/`` (the ``model_checkpoint`` callback).
 
 Examples::
 
@@ -32,8 +38,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
-from gradnorm_lightning.plotting import plot_runs
-from gradnorm_lightning.summary import StepTimer, build_summary, format_summary, write_summary
+from gradnorm_lightning.experiments.plotting import plot_runs
+from gradnorm_lightning.experiments.recorder import METRICS_CSV, MetricsRecorder
+from gradnorm_lightning.experiments.summary import (
+    StepTimer,
+    build_summary,
+    format_summary,
+    write_summary,
+)
 
 __all__ = ["instantiate_callbacks", "instantiate_loggers", "main", "train"]
 
@@ -125,7 +137,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             null), and the flags ``test`` and ``plot``.
 
     Returns:
-        The summary (see :func:`gradnorm_lightning.summary.build_summary`) with the paths
+        The summary (see :func:`gradnorm_lightning.experiments.summary.build_summary`) with the paths
         of the files written under ``files``.
 
     Raises:
@@ -143,11 +155,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("Instantiating model <%s>", cfg.model._target_)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    out_dir = Path(cfg.paths.output_dir)
     timer = StepTimer()
+    # Last, so that it sees what the other callbacks logged on this step.
+    recorder = MetricsRecorder(out_dir / METRICS_CSV)
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=[timer, *callbacks], logger=loggers or False
+        cfg.trainer, callbacks=[timer, *callbacks, recorder], logger=loggers or False
     )
 
     trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -156,22 +171,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results = trainer.test(model=model, datamodule=datamodule, verbose=False)
         test_results = dict(results[0]) if results else {}
 
-    out_dir = Path(cfg.paths.output_dir)
     files: dict[str, str] = {}
-    csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
-    for lg in csv_loggers:
-        lg.save()
-        files["metrics_csv"] = str(Path(lg.log_dir) / "metrics.csv")
+    for lg in trainer.loggers:
+        if isinstance(lg, CSVLogger):
+            lg.save()
+            files["csv_logger_metrics"] = str(Path(lg.log_dir) / "metrics.csv")
+    metrics_csv = out_dir / METRICS_CSV
+    if trainer.is_global_zero and metrics_csv.is_file():
+        files["metrics_csv"] = str(metrics_csv)
     if cfg.get("plot", True) and trainer.is_global_zero:
-        if "metrics_csv" in files and Path(files["metrics_csv"]).is_file():
+        if not recorder.rows:  # e.g. fewer steps than trainer.log_every_n_steps
+            log.warning("No training step was a logging step: no figure.")
+        else:
             label = str(cfg.get("task_name", "run"))
             try:
-                figure = plot_runs([files["metrics_csv"]], out_dir / FIGURE_NAME, labels=[label])
+                figure = plot_runs([metrics_csv], out_dir / FIGURE_NAME, labels=[label])
                 files["figure"] = str(figure)
-            except ValueError as err:  # e.g. fewer steps than trainer.log_every_n_steps
+            except ValueError as err:
                 log.warning("No figure: %s", err)
-        else:
-            log.warning("No CSV metrics were written (logger=csv is needed): no figure.")
 
     task_weights = getattr(model, "task_weights", {})
     summary = build_summary(

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from gradnorm_lightning.tasks._base import (
+from gradnorm_lightning.experiments.tasks._base import (
     Batch,
     MultiTaskModule,
     OptimizerFactory,
@@ -171,7 +171,7 @@ class PaperToyDataModule(SplitDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
         self.num_tasks = _check_positive_int("num_tasks", num_tasks)
         self.input_dim = input_dim
         self.output_dim = output_dim
@@ -179,19 +179,13 @@ class PaperToyDataModule(SplitDataModule):
         self.eps_var = eps_var
         self.sigmas = default_sigmas(num_tasks) if sigmas is None else [float(s) for s in sigmas]
         self.sizes = (num_train, num_val, num_test)
-        self.batch_size = _check_positive_int("batch_size", batch_size)
-        self.seed = seed
-        self.num_workers = num_workers
-        self._splits: dict[str, TensorDataset] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        """Generate the three splits once (idempotent).
+    def build_splits(self) -> dict[str, TensorDataset]:
+        """Generate the three splits (called once, by ``setup``).
 
-        Args:
-            stage: Lightning stage (unused: all splits are generated together).
+        Returns:
+            ``train``/``val``/``test`` datasets of ``(x, y)`` pairs.
         """
-        if self._splits:
-            return
         splits = make_paper_toy_data(
             self.sizes,
             num_tasks=self.num_tasks,
@@ -202,8 +196,7 @@ class PaperToyDataModule(SplitDataModule):
             sigmas=self.sigmas,
             seed=self.seed,
         )
-        for name, (x, y) in zip(("train", "val", "test"), splits, strict=True):
-            self._splits[name] = TensorDataset(x, y)
+        return self._datasets(splits)
 
 
 class PaperToyModel(MultiTaskModule):

@@ -22,7 +22,7 @@ from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 from torchmetrics.wrappers import MultitaskWrapper
 
-from gradnorm_lightning.tasks._base import (
+from gradnorm_lightning.experiments.tasks._base import (
     Batch,
     MultiTaskModule,
     OptimizerFactory,
@@ -65,7 +65,7 @@ class DigitsDataModule(SplitDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
         self.val_fraction = _check_fraction("val_fraction", val_fraction)
         self.test_fraction = _check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 1.0:
@@ -73,19 +73,13 @@ class DigitsDataModule(SplitDataModule):
                 "`val_fraction + test_fraction` must be < 1; "
                 f"got {val_fraction!r} + {test_fraction!r}."
             )
-        self.batch_size = _check_positive_int("batch_size", batch_size)
-        self.seed = seed
-        self.num_workers = num_workers
-        self._splits: dict[str, TensorDataset] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load the digits and split them once (idempotent).
+    def build_splits(self) -> dict[str, TensorDataset]:
+        """Load the digits and split them (called once, by ``setup``).
 
-        Args:
-            stage: Lightning stage (unused).
+        Returns:
+            ``train``/``val``/``test`` datasets of ``(image, label, ink)`` triples.
         """
-        if self._splits:
-            return
         bunch = load_digits()
         images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
         labels = torch.as_tensor(bunch.target, dtype=torch.long)
@@ -101,8 +95,9 @@ class DigitsDataModule(SplitDataModule):
         ink = images.mean(dim=(1, 2, 3))
         train_ink = ink[index["train"]]
         ink = (ink - train_ink.mean()) / train_ink.std()
-        for name, idx in index.items():
-            self._splits[name] = TensorDataset(images[idx], labels[idx], ink[idx])
+        return {
+            name: TensorDataset(images[idx], labels[idx], ink[idx]) for name, idx in index.items()
+        }
 
 
 class DigitsMultiTaskModel(MultiTaskModule):

@@ -1,4 +1,4 @@
-"""Shared plumbing for the example multi-task modules in :mod:`gradnorm_lightning.tasks`.
+"""Shared plumbing for the example multi-task modules in :mod:`gradnorm_lightning.experiments.tasks`.
 
 Each experiment module only has to say how to compute its per-task losses (and, if it
 wants, per-task metrics); training/validation/test steps, logging and optimizer wiring
@@ -26,77 +26,6 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 """A partially applied LR scheduler class: ``factory(optimizer=...)``; stepped every training step."""
 
 Batch = tuple[Tensor, ...]
-
-
-class SplitDataModule(L.LightningDataModule):
-    """A DataModule over fixed ``train``/``val``/``test`` TensorDatasets built in ``setup``.
-
-    Subclasses set ``batch_size``, ``num_workers`` and fill ``_splits`` in an idempotent
-    ``setup``; the loaders are shared.
-    """
-
-    batch_size: int
-    num_workers: int
-    _splits: dict[str, TensorDataset]
-
-    def setup(self, stage: str | None = None) -> None:
-        """Build ``_splits`` once (subclasses implement it; must be idempotent).
-
-        Args:
-            stage: Lightning stage.
-
-        Raises:
-            NotImplementedError: unless overridden.
-        """
-        raise NotImplementedError
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader[tuple[Tensor, ...]]:
-        self.setup()
-        return DataLoader(
-            self._splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Shuffled training batches.
-
-        Returns:
-            The training DataLoader.
-        """
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Validation batches.
-
-        Returns:
-            The validation DataLoader.
-        """
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
-        """Test batches.
-
-        Returns:
-            The test DataLoader.
-        """
-        return self._loader("test", shuffle=False)
-
-
-
-class TaskOutputs(NamedTuple):
-    """What a task module computes on one batch.
-
-    Attributes:
-        losses: ``task name -> 0-dim loss`` for every task.
-        preds: ``task name -> predictions`` for the tasks with a metric (may be empty).
-        targets: ``task name -> targets`` matching ``preds``.
-    """
-
-    losses: dict[str, Tensor]
-    preds: dict[str, Tensor]
-    targets: dict[str, Tensor]
 
 
 def _check_positive_int(name: str, value: int) -> int:
@@ -136,6 +65,124 @@ def _check_fraction(name: str, value: float) -> float:
     if not 0.0 < float(value) < 1.0:
         raise ValueError(f"`{name}` must be in (0, 1); got {value!r}.")
     return float(value)
+
+
+class SplitDataModule(L.LightningDataModule):
+    """A DataModule over fixed ``train``/``val``/``test`` TensorDatasets, built once.
+
+    The loader settings (``batch_size``, ``num_workers``), the data ``seed`` and the
+    idempotent :meth:`setup` live here; a subclass stores its own arguments after calling
+    ``super().__init__(batch_size=..., seed=..., num_workers=...)`` and implements
+    :meth:`build_splits`.
+
+    Args:
+        batch_size: Batch size of every loader.
+        seed: Data seed, for the subclass's generator (independent of the training seed, so
+            runs with different training seeds share their data).
+        num_workers: DataLoader workers.
+
+    Raises:
+        TypeError: If ``batch_size`` or ``num_workers`` is not an int.
+        ValueError: If ``batch_size < 1`` or ``num_workers < 0``.
+    """
+
+    #: The split names :meth:`build_splits` must return, in this order.
+    SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+    def __init__(self, batch_size: int, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int):
+            raise TypeError(f"`num_workers` must be an int; got {num_workers!r}.")
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0; got {num_workers!r}.")
+        self.seed = seed
+        self.num_workers = num_workers
+        self._splits: dict[str, TensorDataset] = {}
+
+    def build_splits(self) -> Mapping[str, TensorDataset]:
+        """Build the data sets (subclasses implement it; called once, by :meth:`setup`).
+
+        Returns:
+            ``split name -> TensorDataset`` for every name in :attr:`SPLITS`.
+
+        Raises:
+            NotImplementedError: Always, in the base class.
+        """
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the splits on the first call; later calls do nothing.
+
+        Args:
+            stage: Lightning stage (unused: all splits are built together).
+
+        Raises:
+            ValueError: If :meth:`build_splits` does not return exactly :attr:`SPLITS`.
+        """
+        if self._splits:
+            return
+        splits = dict(self.build_splits())
+        if set(splits) != set(self.SPLITS):
+            raise ValueError(
+                f"`build_splits` must return the splits {list(self.SPLITS)}; "
+                f"got {sorted(splits)}."
+            )
+        self._splits = {name: splits[name] for name in self.SPLITS}
+
+    @classmethod
+    def _datasets(cls, parts: Sequence[Sequence[Tensor]]) -> dict[str, TensorDataset]:
+        """Name one ``TensorDataset`` per tensor tuple, in :attr:`SPLITS` order."""
+        return {
+            name: TensorDataset(*tensors) for name, tensors in zip(cls.SPLITS, parts, strict=True)
+        }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader[tuple[Tensor, ...]]:
+        self.setup()
+        return DataLoader(
+            self._splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        """Shuffled training batches.
+
+        Returns:
+            The training DataLoader.
+        """
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        """Validation batches.
+
+        Returns:
+            The validation DataLoader.
+        """
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        """Test batches.
+
+        Returns:
+            The test DataLoader.
+        """
+        return self._loader("test", shuffle=False)
+
+
+class TaskOutputs(NamedTuple):
+    """What a task module computes on one batch.
+
+    Attributes:
+        losses: ``task name -> 0-dim loss`` for every task.
+        preds: ``task name -> predictions`` for the tasks with a metric (may be empty).
+        targets: ``task name -> targets`` matching ``preds``.
+    """
+
+    losses: dict[str, Tensor]
+    preds: dict[str, Tensor]
+    targets: dict[str, Tensor]
 
 
 class MultiTaskModule(GradNormMixin, L.LightningModule):

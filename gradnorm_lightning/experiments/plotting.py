@@ -1,6 +1,8 @@
 """Figures of GradNorm runs from their CSV metrics (the GradNorm paper's Figure 2 kind).
 
-A run folder holds a ``metrics.csv`` somewhere below it (Lightning's ``CSVLogger``). From
+A run folder of ``gradnorm-train`` holds ``metrics.csv`` (written by
+:class:`~gradnorm_lightning.experiments.recorder.MetricsRecorder` whatever the logger); any
+folder with one Lightning ``CSVLogger`` file below it works too. From
 its ``gradnorm/*`` columns (logged by :class:`~gradnorm_lightning.GradNormCallback`) and the
 tasks' training losses, :func:`plot_runs` draws, per task and over training steps:
 
@@ -65,8 +67,11 @@ _PANELS = (
 def find_metrics_csv(run_dir: str | Path) -> Path:
     """Locate the ``metrics.csv`` of a run.
 
+    The folder's own ``metrics.csv`` (the recorder's, in a ``gradnorm-train`` run folder) is
+    taken first; otherwise the folder is searched recursively (e.g. a ``CSVLogger`` folder).
+
     Args:
-        run_dir: A run folder (searched recursively) or a path to the CSV file itself.
+        run_dir: A run folder or a path to the CSV file itself.
 
     Returns:
         The path of the CSV file.
@@ -80,11 +85,13 @@ def find_metrics_csv(run_dir: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"Run folder {str(path)!r} does not exist.")
+    if (path / "metrics.csv").is_file():
+        return path / "metrics.csv"
     found = sorted(path.rglob("metrics.csv"))
     if not found:
         raise FileNotFoundError(
-            f"No metrics.csv under {str(path)!r}: was the run logged with the CSV logger "
-            "(`logger=csv`, not disabled by fast_dev_run)?"
+            f"No metrics.csv under {str(path)!r}: is it a finished `gradnorm-train` run folder "
+            "(or a Lightning CSVLogger folder)?"
         )
     if len(found) > 1:
         listing = ", ".join(str(p) for p in found)
