@@ -19,12 +19,18 @@ __all__ = [
     "scaler_state",
     "should_update_logs",
     "tensor_version",
+    "view_base",
 ]
 
 
 def tensor_version(t: Tensor) -> int:
     """Autograd's version counter of ``t``: it grows with every in-place write to ``t``."""
     return int(t._version)
+
+
+def view_base(t: Tensor) -> Tensor | None:
+    """The tensor ``t`` is a view of, or ``None`` when it is not a view."""
+    return t._base if t._is_view() else None
 
 
 def node_sequence_nr(node: Any) -> int | None:

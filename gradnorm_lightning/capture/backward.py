@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from gradnorm_lightning._compat import apply_node
-from gradnorm_lightning.capture.calls import LayerCall
+from gradnorm_lightning.capture.calls import LayerCall, ViewBase
 from gradnorm_lightning.capture.heads import Frontier
 from gradnorm_lightning.capture.norms import NormRule, batched_vjp
 from gradnorm_lightning.capture.stats import Accumulator, safe_norms
@@ -68,13 +68,40 @@ class Plan:
         return self.representation or self.rule is not None
 
 
-def _stack(rows: dict[int, Tensor], num_tasks: int) -> Tensor:
-    """Per-task rows ``(T, *shape)``, zeros for the tasks that have none."""
-    ref = next(iter(rows.values()))
-    if len(rows) == num_tasks:
-        return torch.stack([rows[t] for t in range(num_tasks)])
-    zero = torch.zeros_like(ref)
-    return torch.stack([rows.get(t, zero) for t in range(num_tasks)])
+class _TaskGrads:
+    """Per-task gradients at one edge: rows from the heads' hooks and/or whole ``(T, ...)`` blocks."""
+
+    __slots__ = ("block", "rows")
+
+    def __init__(self) -> None:
+        self.rows: dict[int, Tensor] = {}
+        self.block: Tensor | None = None
+
+    def add(self, task: int, g: Tensor) -> None:
+        self.rows[task] = g if task not in self.rows else self.rows[task] + g
+
+    def add_block(self, g: Tensor) -> None:
+        self.block = g if self.block is None else self.block + g
+
+    def merge(self, other: _TaskGrads) -> None:
+        for task, g in other.rows.items():
+            self.add(task, g)
+        if other.block is not None:
+            self.add_block(other.block)
+
+    def stacked(self, num_tasks: int) -> Tensor:
+        """All of it as one ``(T, *shape)`` tensor (zeros for tasks without a row)."""
+        out = self.block
+        if self.rows:
+            ref = next(iter(self.rows.values()))
+            if len(self.rows) == num_tasks:
+                rows = torch.stack([self.rows[t] for t in range(num_tasks)])
+            else:
+                zero = torch.zeros_like(ref)
+                rows = torch.stack([self.rows.get(t, zero) for t in range(num_tasks)])
+            out = rows if out is None else out + rows
+        assert out is not None
+        return out
 
 
 class StepCapture:
@@ -115,11 +142,12 @@ class StepCapture:
         self.finished = plan.route == "none"
         self._handles: list[Any] = []
         self.keep_alive: list[Any] = []  # objects the graph's hooks reach only weakly
-        self._pending: dict[GradientEdge, dict[int, Tensor]] = {}
-        self._buffers: dict[GradientEdge, dict[int, Tensor]] = {}
+        self._pending: dict[GradientEdge, _TaskGrads] = {}
+        self._buffers: dict[GradientEdge, _TaskGrads] = {}
         self._busy = False  # our own autograd calls run the graph's hooks too: ignore them
-        self._sink_edges: dict[GradientEdge, LayerCall] = {
-            e: call for call in plan.calls for e in call.edges
+        # the layer's outputs, where an output sink gathers: edge -> (call, base of a rebased view)
+        self._sink_edges: dict[GradientEdge, tuple[LayerCall, ViewBase | None]] = {
+            e: (call, base) for call in plan.calls for e, base in call.sink_edges()
         } if plan.outputs_sink else {}
         self._stops_left: set[Any] = set()
         self.scale = torch.ones((), dtype=values.dtype, device=values.device)  # set by the backward
@@ -175,7 +203,7 @@ class StepCapture:
                 for task, edge in self.plan.frontier.roots:
                     loss = self.losses[task]
                     assert loss is not None
-                    self._add(self._pending, edge, task, self._task_scale(task, loss))
+                    self._waiting(edge).add(task, self._task_scale(task, loss))
         except BaseException:
             self._finish()
             raise
@@ -194,7 +222,7 @@ class StepCapture:
             for k, task, target in taps:
                 g = grad_inputs[k]
                 if g is not None:
-                    self._add(self._pending, target, task, g)
+                    self._waiting(target).add(task, g)
 
         return hook
 
@@ -221,16 +249,16 @@ class StepCapture:
         if not self.started or self._busy or self.finished:
             return
         try:
-            rows: dict[int, Tensor] = {}
+            rows = _TaskGrads()
             for task, (g, loss) in enumerate(zip(grads, self.losses)):
                 if g is not None:
-                    rows[task] = g
+                    rows.add(task, g)
                 elif loss is not None:
                     raise ValueError(
                         f"Task {self.names[task]!r} has a loss but did not read its view from `task_views`; "
                         "each head must read its own view (and only it)."
                     )
-            if rows:
+            if rows.rows:
                 assert self.plan.views_edge is not None
                 self._pending[self.plan.views_edge] = rows
                 self._flush()
@@ -240,10 +268,8 @@ class StepCapture:
             self._finish()
 
     # ------------------------------------------------------------------ moving gradients
-    @staticmethod
-    def _add(store: dict[GradientEdge, dict[int, Tensor]], edge: GradientEdge, task: int, g: Tensor) -> None:
-        rows = store.setdefault(edge, {})
-        rows[task] = g if task not in rows else rows[task] + g
+    def _waiting(self, edge: GradientEdge) -> _TaskGrads:
+        return self._pending.setdefault(edge, _TaskGrads())
 
     def _flush(self) -> None:
         """Carry every waiting gradient to the sink (the graph below them is intact)."""
@@ -251,17 +277,17 @@ class StepCapture:
             return
         pending, self._pending = self._pending, {}
         moving: list[tuple[GradientEdge, Tensor]] = []
-        for edge, rows in pending.items():
+        for edge, grads in pending.items():
             if edge in self._sink_edges:
-                for task, g in rows.items():
-                    self._add(self._buffers, edge, task, g)
+                self._buffers.setdefault(edge, _TaskGrads()).merge(grads)
             else:
-                moving.append((edge, _stack(rows, self.num_tasks)))
+                moving.append((edge, grads.stacked(self.num_tasks)))
         if not moving:
             return
         elementwise = self.plan.frontier.elementwise if self.plan.frontier is not None else None
         if elementwise is not None and len(moving) == 1 and moving[0][0].node is elementwise:
-            # one elementwise function: its VJP is a product with f'(x), the same for all tasks
+            # one elementwise function: its VJP is a product with f'(x), the same for all tasks;
+            # the result waits at the layer's output edge for that node's pre-hook
             grads = moving[0][1]
             self._busy = True
             try:
@@ -270,28 +296,28 @@ class StepCapture:
                 self._busy = False
             assert diag is not None
             nxt, nr = next((n, r) for n, r in elementwise.next_functions if n is not None)
-            self._deliver([GradientEdge(nxt, nr)], [grads * diag])
+            self._waiting(GradientEdge(nxt, nr)).add_block(grads * diag)
             return
         targets: list[GradientEdge] | list[nn.Parameter]
         targets = list(self._sink_edges) if self.plan.outputs_sink else list(self.plan.params)
-        self._busy = True
-        try:
-            out = batched_vjp([e for e, _ in moving], [g for _, g in moving], targets)
-        finally:
-            self._busy = False
+        out = self._vjp([e for e, _ in moving], [g for _, g in moving], targets)
         if self.plan.outputs_sink:
             self._deliver(list(self._sink_edges), out)
         else:
             self._add_dense(out)
 
+    def _vjp(self, outputs: list[GradientEdge], grads: list[Tensor], inputs: Sequence[Any]) -> list[Tensor | None]:
+        self._busy = True
+        try:
+            return batched_vjp(outputs, grads, inputs)
+        finally:
+            self._busy = False
+
     def _deliver(self, edges: Sequence[GradientEdge], grads: Sequence[Tensor | None]) -> None:
         """Per-task gradients ``(T, ...)`` at sink edges, into their buffers."""
         for edge, g in zip(edges, grads):
-            if g is None:
-                continue
-            rows = self._buffers.setdefault(edge, {})
-            for task in range(self.num_tasks):
-                rows[task] = g[task] if task not in rows else rows[task] + g[task]
+            if g is not None:
+                self._buffers.setdefault(edge, _TaskGrads()).add_block(g)
 
     def _add_dense(self, grads: Sequence[Tensor | None]) -> None:
         """Per-task parameter gradients from a VJP, as one masked ``(T, P)`` block."""
@@ -313,11 +339,12 @@ class StepCapture:
         acc = self._accumulator()
         dtype = acc.loss_sum.dtype
         for edge in edges:
-            rows = self._buffers.pop(edge, None)
-            if not rows:
+            buffer = self._buffers.pop(edge, None)
+            if buffer is None:
                 continue
-            grads = self._mask(_stack(rows, self.num_tasks))
-            call = self._sink_edges[edge]
+            call, base = self._sink_edges[edge]
+            masked = self._mask(buffer.stacked(self.num_tasks))
+            grads = base.cut(masked) if base is not None else masked  # a rebased view: its part of the base's
             if self.plan.representation:
                 acc.add_rep_norms(safe_norms(grads.to(dtype)))
                 continue
@@ -326,13 +353,8 @@ class StepCapture:
                 result = self.plan.rule[1](self.layer, call, grads, dtype)
             if result is not None:
                 acc.add(result)
-                continue
-            self._busy = True
-            try:
-                out = batched_vjp([edge], [grads], self.plan.params)
-            finally:
-                self._busy = False
-            self._add_dense(out)
+            else:
+                self._add_dense(self._vjp([edge], [masked], self.plan.params))
 
     # ------------------------------------------------------------------ extra-pass routes
     def _autograd(self, acc: Accumulator) -> None:
@@ -367,12 +389,8 @@ class StepCapture:
             onehot[t] = 1.0
             edges.append(torch.autograd.graph.get_gradient_edge(loss))
             grads.append(onehot.reshape(-1, *([1] * loss.dim())) * self._task_scale(t, loss))
-        self._busy = True
-        try:
-            targets: list[Any] = list(self._sink_edges) if self.plan.outputs_sink else list(self.plan.params)
-            out = batched_vjp(edges, grads, targets)
-        finally:
-            self._busy = False
+        targets: list[Any] = list(self._sink_edges) if self.plan.outputs_sink else list(self.plan.params)
+        out = self._vjp(edges, grads, targets)
         if self.plan.outputs_sink:
             self._deliver(list(self._sink_edges), out)
             self._finalize(list(self._sink_edges))

@@ -14,7 +14,6 @@ The shared layer's forward hook records, for every call made with gradients enab
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -22,10 +21,38 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from gradnorm_lightning._compat import tensor_version
+from gradnorm_lightning._compat import tensor_version, view_base
 from gradnorm_lightning.capture._refs import weak_callable
 
-__all__ = ["ForwardHook", "LayerCall", "output_tensors"]
+__all__ = ["ForwardHook", "LayerCall", "ViewBase", "output_tensors"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ViewBase:
+    """Where the gradient of an output that is a view arrives once an in-place write rebased it.
+
+    An in-place write to a view (``torch.relu_(out)`` on ``nn.LSTM``'s transposed output)
+    rewrites the history of its base: later readers reach the base's node, not the view's.
+    The view's gradient is then read at the base and cut out of it by the view's geometry.
+
+    Attributes:
+        edge: the base's gradient edge at the call.
+        shape: the base's shape.
+        size: the view's size.
+        stride: the view's strides in the base's (contiguous) storage.
+        offset: the view's storage offset.
+    """
+
+    edge: GradientEdge
+    shape: torch.Size
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    def cut(self, grads: Tensor) -> Tensor:
+        """Per-task gradients ``(T, *base.shape)`` at the base -> ``(T, *view.size)`` at the view."""
+        flat = grads.reshape(grads.shape[0], -1).contiguous()
+        return torch.as_strided(flat, (flat.shape[0], *self.size), (flat.shape[1], *self.stride), self.offset)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -36,37 +63,50 @@ class LayerCall:
         inputs: the positional tensor arguments, detached.
         input_versions: their version counters at the call.
         edges: the gradient edge of every output tensor that requires grad, in output order.
-        shapes: the shape of each of those outputs.
-        dtypes: their dtypes.
         params: ``(name, parameter)`` of the layer's parameters that required grad.
-        outputs: weak references to the output tensors, with their version counters: an
-            in-place write to an output after the call shows there.
+        outputs: detached aliases of the output tensors (they share the outputs' version
+            counters), with the counters at the call: an in-place write after the call shows there.
+        bases: for each output that is a view of a contiguous base, that base (else ``None``).
     """
 
     inputs: tuple[Tensor, ...]
     input_versions: tuple[int, ...]
     edges: tuple[GradientEdge, ...]
-    shapes: tuple[torch.Size, ...]
-    dtypes: tuple[torch.dtype, ...]
     params: tuple[tuple[str, nn.Parameter], ...]
-    outputs: tuple[tuple[weakref.ref[Tensor], int], ...] = ()
+    outputs: tuple[tuple[Tensor, int], ...] = ()
+    bases: tuple[ViewBase | None, ...] = ()
 
     def inputs_unchanged(self) -> bool:
         """Whether no input was written in place since the call (the rules read them)."""
         return all(tensor_version(t) == v for t, v in zip(self.inputs, self.input_versions))
 
+    def _modified(self, k: int) -> bool:
+        alias, version = self.outputs[k]
+        return tensor_version(alias) != version
+
     def outputs_modified(self) -> bool:
         """Whether an output was written in place after the call (e.g. ``nn.ReLU(inplace=True)``)."""
-        for ref, version in self.outputs:
-            t = ref()
-            if t is not None and tensor_version(t) != version:
-                return True
-        return False
+        return any(self._modified(k) for k in range(len(self.outputs)))
+
+    def sink_edges(self) -> list[tuple[GradientEdge, ViewBase | None]]:
+        """Where each output's gradient arrives now: its own edge, or its base's when rebased."""
+        out: list[tuple[GradientEdge, ViewBase | None]] = []
+        for k, edge in enumerate(self.edges):
+            base = self.bases[k] if k < len(self.bases) else None
+            out.append((base.edge, base) if base is not None and self._modified(k) else (edge, None))
+        return out
 
     @property
     def nodes(self) -> frozenset[Any]:
-        """The autograd nodes that produced the outputs."""
-        return frozenset(e.node for e in self.edges)
+        """The autograd nodes the outputs' gradients arrive at (see :meth:`sink_edges`)."""
+        return frozenset(e.node for e, _ in self.sink_edges())
+
+
+def _view_base(t: Tensor) -> ViewBase | None:
+    base = view_base(t)
+    if base is None or base.grad_fn is None or not base.is_contiguous() or base.storage_offset() != 0:
+        return None
+    return ViewBase(get_gradient_edge(base), base.shape, tuple(t.shape), tuple(t.stride()), t.storage_offset())
 
 
 def output_tensors(output: Any) -> Iterator[Tensor]:
@@ -101,10 +141,9 @@ def make_call(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> LayerC
         inputs=tensors,
         input_versions=tuple(tensor_version(t) for t in tensors),
         edges=tuple(get_gradient_edge(t) for t in outs),
-        shapes=tuple(t.shape for t in outs),
-        dtypes=tuple(t.dtype for t in outs),
         params=tuple((n, p) for n, p in module.named_parameters() if p.requires_grad),
-        outputs=tuple((weakref.ref(t), tensor_version(t)) for t in outs),
+        outputs=tuple((t.detach(), tensor_version(t)) for t in outs),
+        bases=tuple(_view_base(t) for t in outs),
     )
 
 

@@ -83,7 +83,9 @@ class _Walk:
         self.stops = stops
         self.reach: dict[Any, bool] = dict.fromkeys(stops, True)
         seqs = [node_sequence_nr(s) for s in stops]
-        self.min_seq = None if any(s is None for s in seqs) else min(seqs)  # type: ignore[type-var]
+        # leaves (AccumulateGrad) carry the largest sequence number: no pruning below them
+        usable = all(s is not None and s < 2**63 for s in seqs)
+        self.min_seq = min(s for s in seqs if s is not None) if usable and seqs else None
         self.budget = budget
         self.walked = 0
 

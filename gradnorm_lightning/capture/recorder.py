@@ -261,24 +261,35 @@ class Recorder:
             stops = {node for c in calls for node in c.nodes}
             try:
                 frontier = walk_heads(losses, stops, self.walk_budget)
-            except Unreached as err:
-                raise ValueError(_unreached(names[err.args[0]], self.layer)) from None
+            except Unreached:
+                self._check_reach(losses, params, names)
+                if self.mode == "representation":
+                    raise ValueError(
+                        "mode='representation' needs the gradient at the shared layer's output, and this graph does "
+                        "not carry it (an in-place write rebuilt the output in a way the recorder cannot follow); "
+                        "use mode='auto'."
+                    ) from None
+                return Plan("losses", "fallback: one batched backward from every loss to the parameters (an extra "
+                            "pass), because a task's gradient does not arrive at the layer's recorded outputs (an "
+                            "output rebuilt by an in-place write the recorder cannot follow)" + note, params)
             except OverBudget:
                 plan = Plan("losses", "fallback: one batched backward from every loss through its head (an extra "
                             f"pass), because the graph above the shared layer has more than {self.walk_budget} nodes"
                             + note, params, calls=calls)
             else:
-                reached = [c for c in calls if c.nodes & frontier.stops]
+                # With several calls, an unreached one may lie below a reached one (the layer
+                # reused on its own output): the generic rule then covers it through the graph.
+                reached = [c for c in calls if c.nodes & frontier.stops] if len(calls) > 1 else calls
                 how = "per-task gradients from the heads' backward nodes, no extra pass"
                 if frontier.elementwise is not None:
                     how += f", across the shared {frontier.elementwise.name()} by one product"
                 elif frontier.shared_part:
                     how += ", then one batched vector-Jacobian product through the part of the graph tasks share"
                 plan = Plan("heads", how + note, params, calls=reached, frontier=frontier)
-        self._choose_sink(plan)
+        self._choose_sink(plan, len(calls))
         return plan
 
-    def _choose_sink(self, plan: Plan) -> None:
+    def _choose_sink(self, plan: Plan, num_calls: int) -> None:
         kind = type(self.layer).__name__
         if self.mode == "representation":
             plan.representation = True
@@ -286,8 +297,8 @@ class Recorder:
             return
         rule = find_norm_rule(self.layer)
         why = ""
-        if len(plan.calls) != 1:
-            why = f"the layer ran {len(plan.calls)} times in this forward"
+        if num_calls != 1:
+            why = f"the layer ran {num_calls} times in this forward"
         elif rule is None:
             why = f"no norm rule is registered for {kind}"
         elif not plan.calls[0].inputs_unchanged():
@@ -298,6 +309,16 @@ class Recorder:
         assert rule is not None
         plan.rule = rule
         plan.reason += f"; norms by the {rule[0]} rule for {kind}"
+
+    def _check_reach(self, losses: Sequence[Tensor | None], params: list[nn.Parameter], names: Sequence[str]) -> None:
+        """Raise the clear error for a loss that does not reach the layer's parameters at all."""
+        leaves = {get_gradient_edge(p).node for p in params}
+        try:
+            walk_heads(losses, leaves, self.walk_budget)
+        except Unreached as err:
+            raise ValueError(_unreached(names[err.args[0]], self.layer)) from None
+        except OverBudget:
+            pass  # too large to tell: a task that does not reach gets zero norms
 
     def _check_trainable(self, params: list[nn.Parameter]) -> None:
         if not params:
