@@ -288,15 +288,15 @@ class StepCapture:
         if elementwise is not None and len(moving) == 1 and moving[0][0].node is elementwise:
             # one elementwise function: its VJP is a product with f'(x), the same for all tasks;
             # the result waits at the layer's output edge for that node's pre-hook
-            grads = moving[0][1]
+            block = moving[0][1]
             self._busy = True
             try:
-                diag = apply_node(elementwise, torch.ones_like(grads[0]))[0]
+                diag = apply_node(elementwise, torch.ones_like(block[0]))[0]
             finally:
                 self._busy = False
             assert diag is not None
             nxt, nr = next((n, r) for n, r in elementwise.next_functions if n is not None)
-            self._waiting(GradientEdge(nxt, nr)).add_block(grads * diag)
+            self._waiting(GradientEdge(nxt, nr)).add_block(block * diag)
             return
         targets: list[GradientEdge] | list[nn.Parameter]
         targets = list(self._sink_edges) if self.plan.outputs_sink else list(self.plan.params)

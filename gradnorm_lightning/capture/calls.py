@@ -106,7 +106,7 @@ def _view_base(t: Tensor) -> ViewBase | None:
     base = view_base(t)
     if base is None or base.grad_fn is None or not base.is_contiguous() or base.storage_offset() != 0:
         return None
-    return ViewBase(get_gradient_edge(base), base.shape, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+    return ViewBase(get_gradient_edge(base), base.shape, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()))
 
 
 def output_tensors(output: Any) -> Iterator[Tensor]:
