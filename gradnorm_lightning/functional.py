@@ -24,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "adam_update",
     "gradnorm_weight_grad",
+    "gradnorm_weight_grad_from_rates",
     "inverse_training_rates",
     "renormalize_weights",
 ]
@@ -36,8 +37,7 @@ def _present_or_all(x: Tensor, present: Tensor | None) -> Tensor:
 
 
 def _masked_mean(x: Tensor, present: Tensor) -> Tensor:
-    count = present.sum().clamp_min(1).to(x.dtype)
-    return torch.where(present, x, torch.zeros_like(x)).sum() / count
+    return torch.where(present, x, 0.0).sum() / present.sum().clamp_min(1)
 
 
 def inverse_training_rates(
@@ -66,9 +66,8 @@ def inverse_training_rates(
     present = _present_or_all(losses, present)
     ratios = losses / initial_losses
     # Absent tasks may hold NaN/Inf: keep them out of the mean and out of the division.
-    safe_ratios = torch.where(present, ratios, torch.ones_like(ratios))
-    mean_ratio = _masked_mean(safe_ratios, present)
-    return ratios, safe_ratios / mean_ratio
+    safe_ratios = torch.where(present, ratios, 1.0)
+    return ratios, safe_ratios / _masked_mean(safe_ratios, present)
 
 
 def gradnorm_weight_grad(
@@ -110,14 +109,37 @@ def gradnorm_weight_grad(
     """
     present = _present_or_all(weights, present)
     ratios, rates = inverse_training_rates(losses, initial_losses, present)
-    safe_norms = torch.where(present, grad_norms, torch.zeros_like(grad_norms))
-    weighted = weights * safe_norms
-    target = _masked_mean(weighted, present) * rates.pow(alpha)
-    diff = weighted - target
-    zero = torch.zeros_like(diff)
-    gradnorm_loss = torch.where(present, diff.abs(), zero).sum()
-    weight_grad = torch.where(present, torch.sign(diff) * safe_norms, zero)
+    weight_grad, gradnorm_loss = gradnorm_weight_grad_from_rates(weights, grad_norms, rates, alpha, present)
     return weight_grad, gradnorm_loss, ratios, rates
+
+
+def gradnorm_weight_grad_from_rates(
+    weights: Tensor, grad_norms: Tensor, inverse_rates: Tensor, alpha: float, present: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`gradnorm_weight_grad` from inverse training rates already computed.
+
+    Args:
+        weights: the task weights ``w_i``.
+        grad_norms: ``n_i``.
+        inverse_rates: ``r_i`` (finite for absent tasks, as :func:`inverse_training_rates` gives).
+        alpha: the asymmetry.
+        present: boolean mask of the tasks that take part.
+
+    Returns:
+        ``(weight_grad, gradnorm_loss)``; the gradient is zero for absent tasks.
+
+    Example::
+
+        >>> gradnorm_weight_grad_from_rates(torch.ones(2), torch.tensor([1.0, 3.0]), torch.ones(2), 0.0,
+        ...                                 torch.tensor([True, True]))
+        (tensor([-1.,  3.]), tensor(2.))
+    """
+    safe_norms = torch.where(present, grad_norms, 0.0)
+    weighted = weights * safe_norms
+    diff = weighted - _masked_mean(weighted, present) * inverse_rates.pow(alpha)
+    gradnorm_loss = torch.where(present, diff.abs(), 0.0).sum()
+    # absent tasks: sign(finite) * 0 = 0
+    return torch.sign(diff) * safe_norms, gradnorm_loss
 
 
 def renormalize_weights(
@@ -151,11 +173,9 @@ def renormalize_weights(
     present = _present_or_all(weights, present)
     num_tasks = weights.numel()
     clamped = weights.clamp_min(min_weight)
-    zero = torch.zeros_like(clamped)
-    absent_sum = torch.where(present, zero, previous).sum()
-    present_sum = torch.where(present, clamped, zero).sum()
-    scale = (num_tasks - absent_sum) / present_sum
-    return torch.where(present, clamped * scale, previous)
+    absent_sum = torch.where(present, 0.0, previous).sum()
+    present_sum = torch.where(present, clamped, 0.0).sum()
+    return torch.where(present, clamped * ((num_tasks - absent_sum) / present_sum), previous)
 
 
 def adam_update(

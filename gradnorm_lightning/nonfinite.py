@@ -48,9 +48,11 @@ def zero_nonfinite_grads_(parameters: Tensor | Iterable[Tensor]) -> Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.bool)
-    device = grads[0].device
-    peaks = torch.stack([m.to(device=device, dtype=torch.float32) for m in max_abs_per_tensor(grads)])
-    found = ~torch.isfinite(peaks).all()
+    peaks = max_abs_per_tensor(grads)
+    first = peaks[0]
+    if any(m.dtype != first.dtype or m.device != first.device for m in peaks):
+        peaks = [m.to(device=first.device, dtype=torch.float32) for m in peaks]
+    found = ~torch.isfinite(torch.stack(peaks)).all()
     for g in grads:
         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return found

@@ -53,10 +53,10 @@ class WeightOptimizer:
 
     def step(self, grad: Tensor, state: dict[str, Tensor], num_updates: Tensor,
              present: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The step ``lr * direction`` to subtract, and the new state (moved for present tasks only)."""
+        """The step ``lr * direction`` to subtract, and the changed state (for present tasks only)."""
         lr = self.current_lr(num_updates)
         if self.kind != "adam":
-            return lr * grad, state
+            return lr * grad, {}
         direction, exp_avg, exp_avg_sq, steps = F.adam_update(
             grad, state["exp_avg"], state["exp_avg_sq"], state["adam_steps"], self.betas, self.eps
         )

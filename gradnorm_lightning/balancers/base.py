@@ -292,6 +292,7 @@ class Balancer:
         self._fixed_initial = fixed.to(dev)
         self._fixed_mask = fixed_mask.to(dev)
         self._all_fixed = bool(fixed_mask.all())  # host-side: built from Python values
+        self._any_fixed = bool(fixed_mask.any())
         return names
 
     def to(self, device: torch.device | str) -> Balancer:
@@ -425,20 +426,23 @@ class Balancer:
                 )
         items = [loss if loss is not None and (loss.requires_grad or not grad_on) else None for loss in items]
         live = [loss for loss in items if loss is not None]
-        weights = self.weights.detach().clone()
+        # The state is never written in place (every update makes new tensors), so the model
+        # loss can use the weights as they are: the graph keeps this step's values.
+        weights = self.weights.detach()
         if not live:
             return self._empty_step(weights)
         ref = live[0]
         if self.weights.device != ref.device:
             self.to(ref.device)
-            weights = self.weights.detach().clone()
+            weights = self.weights.detach()
         # missing tasks enter as NaN, so one device-side isfinite decides presence
         values = torch.stack([
-            loss.reshape(()) if loss is not None else ref.new_full((), float("nan")) for loss in items
+            (loss if loss.dim() == 0 else loss.reshape(())) if loss is not None else ref.new_full((), float("nan"))
+            for loss in items
         ])
         present = torch.isfinite(values)
-        safe = torch.where(present, values, torch.zeros_like(values))
-        combined = (weights.to(safe.dtype) * safe).sum()
+        safe = torch.where(present, values, 0.0)
+        combined = torch.dot(weights if weights.dtype == safe.dtype else weights.to(safe.dtype), safe)
         self.recorder.record(items, values.detach(), present, weights, combined, self.task_names)
         return combined
 
@@ -471,18 +475,17 @@ class Balancer:
         if stats is None:
             return
         self.steps += 1
-        present = stats.present
-        losses = stats.losses.to(self.dtype)
-        norms = stats.grad_norms.to(self.dtype)
+        present, losses, norms = stats.present, stats.losses, stats.grad_norms
         # L(0): measured over the first `initial_loss_steps` present steps, or fixed.
         if self._all_fixed:
             initial = self._fixed_initial
-            init_sum, init_count = self.initial_loss_sum, self.initial_loss_count
         else:
             collecting = present & (self.initial_loss_count < self.initial_loss_steps)
             init_count = self.initial_loss_count + collecting
-            init_sum = self.initial_loss_sum + torch.where(collecting, losses, 0.0)
-            initial = torch.where(self._fixed_mask, self._fixed_initial, init_sum / init_count.clamp_min(1))
+            init_sum = self.initial_loss_sum + losses * collecting  # absent tasks' losses are 0
+            initial = init_sum / init_count.clamp_min(1)
+            if self._any_fixed:
+                initial = torch.where(self._fixed_mask, self._fixed_initial, initial)
         ratios, rates = F.inverse_training_rates(losses, initial, present)
         weights = self.weights
         proposal = self.propose(StepInputs(weights, norms, losses, initial, present, ratios, rates, self.num_updates))
@@ -495,10 +498,11 @@ class Balancer:
         if not self._all_fixed:
             self.initial_loss_sum = torch.where(ok, init_sum, self.initial_loss_sum)
             self.initial_loss_count = torch.where(ok, init_count, self.initial_loss_count)
+        absent = ~present
         self.num_updates = self.num_updates + ok
-        self.skipped = self.skipped + ~present
+        self.skipped = self.skipped + absent
         self.skipped_updates = self.skipped_updates + ~ok
-        self.empty_steps = self.empty_steps + ~present.any()
+        self.empty_steps = self.empty_steps + absent.all()
         self.last_stats = {
             "weights": self.weights,
             "grad_norms": norms,

@@ -194,30 +194,26 @@ class GradNorm(Balancer):
     def propose(self, inputs: StepInputs) -> Proposal:
         """The GradNorm rule: a step along ``dL_grad/dw_i = sign(G_i - target_i) n_i``, renormalised."""
         w, present = inputs.weights, inputs.present
-        grad, objective, _, _ = F.gradnorm_weight_grad(
-            w, inputs.grad_norms, inputs.losses, inputs.initial_losses, self.alpha, present
-        )
+        grad, objective = F.gradnorm_weight_grad_from_rates(w, inputs.grad_norms, inputs.inverse_rates, self.alpha, present)
         state = {name: getattr(self, name) for name in ("exp_avg", "exp_avg_sq", "adam_steps")}
         if self.weight_space == "log":
             # w = exp(s): dL/ds = dL/dw * w; no floor is needed (exp > 0)
             delta, state = self._optim.step(grad * w, state, inputs.num_updates, present)
             raw = torch.exp(torch.log(w) - delta)
-            floor = torch.finfo(w.dtype).tiny
-            at_floor = torch.zeros_like(present)
+            new = F.renormalize_weights(raw, w, present, torch.finfo(w.dtype).tiny)
+            floor_steps = self.floor_steps
         else:
             delta, state = self._optim.step(grad, state, inputs.num_updates, present)
             raw = w - delta
-            floor = self.min_weight
-            at_floor = present & (raw < floor)
-        new = F.renormalize_weights(raw, w, present, floor)
+            new = F.renormalize_weights(raw, w, present, self.min_weight)
+            floor_steps = self.floor_steps + (present & (raw < self.min_weight)).any()
         valid = (
-            torch.isfinite(inputs.grad_norms) & torch.isfinite(inputs.inverse_rates) & torch.isfinite(new)
-            & (inputs.initial_losses > 0)
+            torch.isfinite(inputs.grad_norms) & torch.isfinite(inputs.inverse_rates + new) & (inputs.initial_losses > 0)
         )
         state = {
             **state,
-            "floor_steps": self.floor_steps + at_floor.any(),
-            "jump_steps": self.jump_steps + ((new - w).abs().max() > _JUMP),
+            "floor_steps": floor_steps,
+            "jump_steps": self.jump_steps + ((new - w).abs().amax() > _JUMP),
         }
         return Proposal(new, valid, objective, state)
 

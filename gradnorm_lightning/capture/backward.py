@@ -33,7 +33,7 @@ from gradnorm_lightning._compat import apply_node
 from gradnorm_lightning.capture.calls import LayerCall, ViewBase
 from gradnorm_lightning.capture.heads import Frontier
 from gradnorm_lightning.capture.norms import NormRule, batched_vjp
-from gradnorm_lightning.capture.stats import Accumulator, safe_norms
+from gradnorm_lightning.capture.stats import Accumulator, Factored, safe_norms
 
 __all__ = ["Plan", "StepCapture"]
 
@@ -94,12 +94,11 @@ class _TaskGrads:
         out = self.block
         if self.rows:
             ref = next(iter(self.rows.values()))
-            if len(self.rows) == num_tasks:
-                rows = torch.stack([self.rows[t] for t in range(num_tasks)])
-            else:
-                zero = torch.zeros_like(ref)
-                rows = torch.stack([self.rows.get(t, zero) for t in range(num_tasks)])
-            out = rows if out is None else out + rows
+            zero = torch.zeros_like(ref) if len(self.rows) < num_tasks else ref
+            rows = [self.rows.get(t, zero) for t in range(num_tasks)]
+            # batch-major storage (N, T, ...): the Linear rule's product is then one GEMM
+            stacked = torch.stack(rows, dim=1).transpose(0, 1) if ref.dim() else torch.stack(rows)
+            out = stacked if out is None else out + stacked
         assert out is not None
         return out
 
@@ -331,9 +330,6 @@ class StepCapture:
         dense = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         acc.add(torch.where(self.present[:, None], dense, 0.0))
 
-    def _mask(self, grads: Tensor) -> Tensor:
-        return torch.where(self.present.reshape(-1, *([1] * (grads.dim() - 1))), grads, 0.0)
-
     def _finalize(self, edges: Sequence[GradientEdge]) -> None:
         """Turn the complete per-task gradients at these output edges into statistics."""
         acc = self._accumulator()
@@ -343,18 +339,21 @@ class StepCapture:
             if buffer is None:
                 continue
             call, base = self._sink_edges[edge]
-            masked = self._mask(buffer.stacked(self.num_tasks))
-            grads = base.cut(masked) if base is not None else masked  # a rebased view: its part of the base's
+            stacked = buffer.stacked(self.num_tasks)
+            grads = base.cut(stacked) if base is not None else stacked  # a rebased view: its part of the base's
             if self.plan.representation:
-                acc.add_rep_norms(safe_norms(grads.to(dtype)))
+                acc.add_rep_norms(torch.where(self.present, safe_norms(grads.to(dtype)), 0.0))
                 continue
             result = None
             if self.plan.rule is not None and call.inputs_unchanged():
                 result = self.plan.rule[1](self.layer, call, grads, dtype)
-            if result is not None:
+            if isinstance(result, Factored):
+                result.present = self.present  # masked lazily: one (T,) where for a one-pass step
                 acc.add(result)
+            elif result is not None:
+                acc.add(torch.where(self.present[:, None], result, 0.0))
             else:
-                self._add_dense(self._vjp([edge], [masked], self.plan.params))
+                self._add_dense(self._vjp([edge], [stacked], self.plan.params))
 
     # ------------------------------------------------------------------ extra-pass routes
     def _autograd(self, acc: Accumulator) -> None:

@@ -72,79 +72,13 @@ class Frontier:
         return bool(self.roots) or any(n not in self.stops for n in self.entries)
 
 
-def _children(node: Any) -> list[Any]:
-    return [nxt for nxt, _ in node.next_functions if nxt is not None]
-
-
-class _Walk:
-    """Memoised "can this node reach a stop node?" over one graph."""
-
-    def __init__(self, stops: set[Any], budget: int) -> None:
-        self.stops = stops
-        self.reach: dict[Any, bool] = dict.fromkeys(stops, True)
-        seqs = [node_sequence_nr(s) for s in stops]
-        # leaves (AccumulateGrad) carry the largest sequence number: no pruning below them
-        usable = all(s is not None and s < 2**63 for s in seqs)
-        self.min_seq = min(s for s in seqs if s is not None) if usable and seqs else None
-        self.budget = budget
-        self.walked = 0
-
-    def _pruned(self, node: Any) -> bool:
-        if self.min_seq is None:
-            return False
-        seq = node_sequence_nr(node)
-        return seq is not None and seq < self.min_seq
-
-    def reaches(self, root: Any) -> bool:
-        if root in self.reach:
-            return self.reach[root]
-        found: dict[Any, bool] = {root: False}
-        stack = [(root, iter(_children(root)))]
-        self._expand()
-        while stack:
-            node, children = stack[-1]
-            descended = False
-            for child in children:
-                known = self.reach.get(child)
-                if known is None and self._pruned(child):
-                    self.reach[child] = known = False
-                if known is None:
-                    self._expand()
-                    found[child] = False
-                    stack.append((child, iter(_children(child))))
-                    descended = True
-                    break
-                if known:
-                    found[node] = True
-            if not descended:
-                stack.pop()
-                self.reach[node] = result = found.pop(node)
-                if stack and result:
-                    found[stack[-1][0]] = True
-        return self.reach[root]
-
-    def _expand(self) -> None:
-        self.walked += 1
-        if self.walked > self.budget:
-            raise OverBudget(self.budget)
-
-    def relevant(self, root: Any) -> set[Any]:
-        """The nodes below ``root`` that reach a stop (stops included, not walked past)."""
-        out = {root}
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            if node in self.stops:
-                continue
-            for child in _children(node):
-                if child not in out and self.reach.get(child, False):
-                    out.add(child)
-                    stack.append(child)
-        return out
-
-
 def walk_heads(losses: Sequence[Tensor | None], stops: set[Any], budget: int = 4096) -> Frontier:
     """Find, for every task, the edges through which its gradient enters the shared part.
+
+    One depth-first pass over the union of the tasks' graphs finds the nodes that reach a
+    stop (memoised, pruned by creation order); one pass in topological order then gives every
+    such node the set of tasks that reach it (a bit mask). A private node has one bit; an edge
+    from a private node to a node with more bits (or to a stop) is a tap.
 
     Args:
         losses: each task's loss (``None`` for a task left out of the walk).
@@ -158,39 +92,83 @@ def walk_heads(losses: Sequence[Tensor | None], stops: set[Any], budget: int = 4
         OverBudget: when the graph above the layer has more than ``budget`` nodes.
         Unreached: when a loss does not depend on the shared layer's outputs.
     """
-    walk = _Walk(stops, budget)
-    sets: dict[int, set[Any]] = {}
+    seqs = [node_sequence_nr(s) for s in stops]
+    # leaves (AccumulateGrad) carry the largest sequence number: no pruning below them
+    usable = bool(seqs) and all(q is not None and q < 2**63 for q in seqs)
+    min_seq = min(q for q in seqs if q is not None) if usable else -1
+    reach: dict[Any, bool] = dict.fromkeys(stops, True)
+    children: dict[Any, list[tuple[int, Any, int]]] = {}  # relevant node -> its relevant (k, child, nr)
+    order: list[Any] = []  # relevant non-stop nodes, children before parents
+    expanded = 0
     for i, loss in enumerate(losses):
         if loss is None:
             continue
         root = loss.grad_fn
-        if root is None or not walk.reaches(root):
+        if root is None:
             raise Unreached(i)
-        sets[i] = walk.relevant(root)
-    count: dict[Any, int] = {}
-    for nodes in sets.values():
-        for node in nodes:
-            count[node] = count.get(node, 0) + 1
-    taps: dict[Any, list[tuple[int, int, GradientEdge]]] = {}
+        if root in reach:
+            if not reach[root]:
+                raise Unreached(i)
+            continue
+        reach[root] = False
+        stack = [(root, root.next_functions, 0)]
+        while stack:
+            node, nexts, j = stack.pop()
+            descended = False
+            while j < len(nexts):
+                child = nexts[j][0]
+                j += 1
+                if child is None or child in reach:
+                    continue
+                if min_seq >= 0 and child._sequence_nr() < min_seq:
+                    reach[child] = False  # older than the layer's outputs: cannot reach them
+                    continue
+                expanded += 1
+                if expanded > budget:
+                    raise OverBudget(budget)
+                reach[child] = False
+                stack.append((node, nexts, j))
+                stack.append((child, child.next_functions, 0))
+                descended = True
+                break
+            if not descended:
+                kids = [(k, nxt, nr) for k, (nxt, nr) in enumerate(nexts) if nxt is not None and reach.get(nxt)]
+                if kids:
+                    reach[node] = True
+                    children[node] = kids
+                    order.append(node)
+        if not reach[root]:
+            raise Unreached(i)
+    masks: dict[Any, int] = {}
+    for i, loss in enumerate(losses):
+        if loss is not None:
+            masks[loss.grad_fn] = masks.get(loss.grad_fn, 0) | (1 << i)
+    for node in reversed(order):  # parents before children
+        mask = masks.get(node, 0)
+        for _, child, _ in children[node]:
+            masks[child] = masks.get(child, 0) | mask
     roots: list[tuple[int, GradientEdge]] = []
     entries: set[Any] = set()
-    for i, nodes in sets.items():
-        loss = losses[i]
-        assert loss is not None and loss.grad_fn is not None
-        if count[loss.grad_fn] > 1 or loss.grad_fn in stops:
+    for i, loss in enumerate(losses):
+        if loss is not None and (masks[loss.grad_fn] != 1 << i or loss.grad_fn in stops):
             edge = get_gradient_edge(loss)
             roots.append((i, edge))
             entries.add(edge.node)
+    rooted = {task for task, _ in roots}
+    taps: dict[Any, list[tuple[int, int, GradientEdge]]] = {}
+    for node in order:
+        mask = masks[node]
+        if mask & (mask - 1):  # shared by several tasks
             continue
-        for node in nodes:
-            if count[node] != 1 or node in stops:
-                continue
-            for k, (nxt, nr) in enumerate(node.next_functions):
-                if nxt is not None and walk.reach.get(nxt, False) and (count[nxt] > 1 or nxt in stops):
-                    taps.setdefault(node, []).append((k, i, GradientEdge(nxt, nr)))
-                    entries.add(nxt)
-    reached = {node for nodes in sets.values() for node in nodes if node in stops}
-    return Frontier(taps, roots, entries, reached, _single_elementwise(entries, roots, reached), walk.walked)
+        task = mask.bit_length() - 1
+        if task in rooted:
+            continue
+        for k, child, nr in children[node]:
+            if child in stops or masks[child] != mask:
+                taps.setdefault(node, []).append((k, task, GradientEdge(child, nr)))
+                entries.add(child)
+    reached = {node for node in stops if node in masks}
+    return Frontier(taps, roots, entries, reached, _single_elementwise(entries, roots, reached), expanded)
 
 
 def _single_elementwise(entries: set[Any], roots: list[Any], stops: set[Any]) -> Any | None:

@@ -28,7 +28,8 @@ __all__ = ["NormRule", "batched_vjp", "find_norm_rule", "register_norm_rule"]
 NormRule = Callable[[nn.Module, LayerCall, Tensor, torch.dtype], "Factored | Tensor | None"]
 """``rule(layer, call, grads, dtype)``: per-task parameter gradients from the output gradients
 ``grads`` ``(T, *output.shape)`` of one call, in ``dtype``; ``None`` to decline. A dense result
-is ``(T, P)`` over ``call.params`` in order, each parameter flattened."""
+is ``(T, P)`` over ``call.params`` in order, each parameter flattened. The rows of absent tasks
+in ``grads`` may be NaN: a rule must keep the tasks apart (the caller masks them afterwards)."""
 
 _RULES: dict[type[nn.Module], tuple[str, NormRule]] = {}
 

@@ -133,6 +133,8 @@ class Recorder:
         self._weights: Tensor | None = None
         self._hook: Any = None
         self._announced: set[str] = set()
+        # the statistics' dtype: float64 for a float64 layer, else float32
+        self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in layer.parameters()) else torch.float32
         self.attach()
 
     # ------------------------------------------------------------------ lifecycle
@@ -185,8 +187,7 @@ class Recorder:
 
     def _accumulator(self, like: Tensor, num_tasks: int) -> Accumulator:
         if self._acc is None:
-            dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.layer.parameters()) else torch.float32
-            self._acc = Accumulator(num_tasks, dtype, like.device)
+            self._acc = Accumulator(num_tasks, self._dtype, like.device)
         return self._acc
 
     def record(
