@@ -44,6 +44,12 @@ class Workload:
         model_lr: SGD learning rate of the model.
         alpha, weight_lr: GradNorm's asymmetry and weight learning rate.
         min_weight: floor the weights are clamped to before renormalisation.
+        check_horizon: the most steps the float64 trajectory check may compare (``None``: no
+            limit). On ``dense`` the SGD weights reach the floor at step ~34 and bounce on it
+            from then on; rounding differences between any two exact implementations (1e-16 at
+            step 0) then grow about exponentially (measured: to 1e-4 by step 49, while this
+            project's default and ``mode="autograd"`` rows stay bitwise equal to each other), so
+            the comparison with the textbook is only meaningful before that.
     """
 
     name: str
@@ -61,6 +67,7 @@ class Workload:
     alpha: float = 1.5
     weight_lr: float = 0.025
     min_weight: float = 1e-4
+    check_horizon: int | None = None
 
     @property
     def flat(self) -> int:
@@ -108,7 +115,7 @@ def dense_workload(tiny: bool = False) -> Workload:
         return Workload("dense", num_tasks=3, batch=2, image=(2, 8, 8), channels=(3, 4), decoder=3,
                         classes=3, model_lr=1e-2)
     return Workload("dense", num_tasks=3, batch=8, image=(3, 32, 32), channels=(64, 128), decoder=32,
-                    classes=7, model_lr=1e-2)
+                    classes=7, model_lr=1e-2, check_horizon=20)
 
 
 def workload(name: str, tiny: bool = False) -> Workload:

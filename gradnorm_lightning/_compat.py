@@ -50,11 +50,16 @@ def apply_node(node: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
 
 
 def max_abs_per_tensor(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """``max |t|`` of every tensor, in one fused call where torch has it; NaN/Inf propagate."""
-    foreach = getattr(torch, "_foreach_norm", None)
-    if foreach is not None:
-        return list(foreach(list(tensors), float("inf")))
-    return [torch.linalg.vector_norm(t, float("inf")) for t in tensors]
+    """``max |t|`` of every tensor, by two fused multi-tensor calls where torch has them.
+
+    NaN and Inf propagate. (``torch._foreach_norm(ts, inf)`` gives the same but is several
+    times slower on CPU.)
+    """
+    foreach_max = getattr(torch, "_foreach_max", None)
+    foreach_abs = getattr(torch, "_foreach_abs", None)
+    if foreach_max is not None and foreach_abs is not None:
+        return list(foreach_max(foreach_abs(list(tensors))))
+    return [t.abs().amax() for t in tensors]
 
 
 def should_update_logs(trainer: Any) -> bool:

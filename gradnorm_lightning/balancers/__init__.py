@@ -10,10 +10,11 @@ maps a step's :class:`StepInputs` to a :class:`Proposal`.
 """
 
 from gradnorm_lightning.balancers._losses import LossesLike
-from gradnorm_lightning.balancers.base import Balancer, Proposal, StepInputs
+from gradnorm_lightning.balancers.base import Balancer
 from gradnorm_lightning.balancers.dwa import DynamicWeightAverage
 from gradnorm_lightning.balancers.equal import EqualWeighting
 from gradnorm_lightning.balancers.gradnorm import GradNorm
+from gradnorm_lightning.balancers.interface import Proposal, StepInputs
 from gradnorm_lightning.balancers.uncertainty import UncertaintyWeighting
 
 __all__ = [

@@ -13,7 +13,7 @@ The per-task statistics come from a :class:`~gradnorm_lightning.capture.Recorder
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -31,60 +31,11 @@ from gradnorm_lightning._checks import (
     _integer,
 )
 from gradnorm_lightning.balancers._losses import LossesLike, normalize_losses
+from gradnorm_lightning.balancers._state import TaskState
+from gradnorm_lightning.balancers.interface import Proposal, StepInputs
 from gradnorm_lightning.capture import Recorder
 
 __all__ = ["Balancer", "Proposal", "StepInputs"]
-
-
-class StepInputs(NamedTuple):
-    """What a strategy sees of one optimizer step (all ``(T,)``, on the weights' device).
-
-    Attributes:
-        weights: the weights this step's model loss used.
-        grad_norms: ``n_i = ||grad_W L_i||`` (NaN when not measured).
-        losses: ``L_i(t)``, averaged over the step's backward passes (0 where absent).
-        initial_losses: ``L_i(0)`` (measured or fixed; 0 until measured).
-        present: the tasks that took part.
-        loss_ratios: ``L_i / L_i(0)``.
-        inverse_rates: ``r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0))`` over the present tasks.
-        num_updates: the updates applied so far (0-dim).
-    """
-
-    weights: Tensor
-    grad_norms: Tensor
-    losses: Tensor
-    initial_losses: Tensor
-    present: Tensor
-    loss_ratios: Tensor
-    inverse_rates: Tensor
-    num_updates: Tensor
-
-
-class Proposal(NamedTuple):
-    """A strategy's proposed update: applied only if every present task's statistics are valid.
-
-    Attributes:
-        weights: the proposed weights ``(T,)`` (absent tasks keep theirs).
-        valid: ``(T,)`` bool, per task: its statistics and proposal are usable (finite).
-        objective: the strategy's own loss (logged under its ``objective_key``), or ``None``.
-        state: new values of the strategy's own state tensors (by name), committed with the weights.
-    """
-
-    weights: Tensor
-    valid: Tensor
-    objective: Tensor | None = None
-    state: Mapping[str, Tensor] = {}
-
-
-_BASE_STATE = ("weights", "initial_loss_sum", "initial_loss_count", "num_updates", "skipped",
-               "skipped_updates", "empty_steps")
-# State added after the first release: a checkpoint without it starts it at zero.
-_OPTIONAL_STATE = frozenset({"empty_steps", "floor_steps", "jump_steps"})
-
-
-def own_arguments(frame: Mapping[str, Any], *skip: str) -> dict[str, Any]:
-    """A constructor's own keyword arguments, from its ``locals()``, without ``skip``."""
-    return {k: v for k, v in frame.items() if k not in skip and k != "self" and not k.startswith("__")}
 
 
 def _no_task_message(names: Sequence[str]) -> str:
@@ -94,7 +45,7 @@ def _no_task_message(names: Sequence[str]) -> str:
     )
 
 
-class Balancer:
+class Balancer(TaskState):
     """The base of the loss-weighting strategies (see the module docstring).
 
     Args:
@@ -120,14 +71,6 @@ class Balancer:
 
     #: whether the strategy's update uses the gradient norms
     needs_norms: ClassVar[bool] = True
-    # state tensors every strategy has (created by `initial_state` once the tasks are known)
-    weights: Tensor
-    initial_loss_sum: Tensor
-    initial_loss_count: Tensor
-    num_updates: Tensor
-    skipped: Tensor
-    skipped_updates: Tensor
-    empty_steps: Tensor
     #: the log key of the strategy's objective (``None``: it has none)
     objective_key: ClassVar[str | None] = None
     #: option name -> checker returning the normalised value (each class adds its own)
@@ -210,15 +153,6 @@ class Balancer:
             self._init_tasks(names)
 
     # ------------------------------------------------------------------ what a strategy adds
-    def initial_state(self, num_tasks: int) -> dict[str, Tensor]:
-        """The strategy's own state tensors, created when the task names are known.
-
-        Subclasses extend the dict (call ``super()``); every tensor in it moves with
-        :meth:`to`, is saved by :meth:`state_dict` and may be replaced through
-        :attr:`Proposal.state`. ``"weights"`` may be overridden (the default is ones).
-        """
-        return {}
-
     def propose(self, inputs: StepInputs) -> Proposal:
         """The strategy's update rule: the one method a strategy implements.
 
@@ -233,121 +167,6 @@ class Balancer:
     def options(self) -> dict[str, Any]:
         """The strategy's settings (for ``repr`` and logs)."""
         return {"mode": self.mode}
-
-    # ------------------------------------------------------------------ tasks and state
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        """The task names, in the order of :attr:`weights`."""
-        if self._task_names is None:
-            raise RuntimeError("The task names are not known yet: pass `task_names=`/`num_tasks=` or call `combine` first.")
-        return self._task_names
-
-    @property
-    def num_tasks(self) -> int:
-        """The number of tasks ``T``."""
-        return len(self.task_names)
-
-    @property
-    def initialized(self) -> bool:
-        """Whether the task names (and so the state tensors) are known."""
-        return self._task_names is not None
-
-    def _init_tasks(self, names: tuple[str, ...]) -> tuple[str, ...]:
-        num_tasks = len(names)
-        fixed = torch.zeros(num_tasks, dtype=self.dtype)
-        fixed_mask = torch.zeros(num_tasks, dtype=torch.bool)
-        init = self.initial_losses
-        if isinstance(init, float):
-            fixed.fill_(init)
-            fixed_mask.fill_(True)
-        elif isinstance(init, tuple):
-            if len(init) != num_tasks:
-                raise ValueError(f"`initial_losses` has {len(init)} values for {num_tasks} tasks {names!r}.")
-            fixed = torch.tensor(init, dtype=self.dtype)
-            fixed_mask.fill_(True)
-        elif isinstance(init, dict):
-            unknown = sorted(set(init) - set(names))
-            if unknown:
-                raise ValueError(
-                    f"`initial_losses` names tasks the model does not have: {unknown}; the tasks are {list(names)}."
-                )
-            for i, name in enumerate(names):
-                if name in init:
-                    fixed[i] = init[name]
-                    fixed_mask[i] = True
-        self._task_names = names
-        dev = self.device
-        zeros = torch.zeros(num_tasks, dtype=self.dtype, device=dev)
-        scalar = torch.zeros((), dtype=self.dtype, device=dev)
-        state = {
-            "weights": torch.ones(num_tasks, dtype=self.dtype, device=dev),
-            "initial_loss_sum": zeros.clone(), "initial_loss_count": zeros.clone(),
-            "num_updates": scalar.clone(), "skipped": zeros.clone(),
-            "skipped_updates": scalar.clone(), "empty_steps": scalar.clone(),
-        }
-        state.update(self.initial_state(num_tasks))
-        for name, value in state.items():
-            setattr(self, name, value)
-        self._state_names = tuple(state)
-        self._fixed_initial = fixed.to(dev)
-        self._fixed_mask = fixed_mask.to(dev)
-        self._all_fixed = bool(fixed_mask.all())  # host-side: built from Python values
-        self._any_fixed = bool(fixed_mask.any())
-        return names
-
-    def to(self, device: torch.device | str) -> Balancer:
-        """Move the state to ``device`` (the balancer also follows the losses by itself)."""
-        device = torch.device(device)
-        self.device = device
-        if self._task_names is not None:
-            for name in (*self._state_names, "_fixed_initial", "_fixed_mask"):
-                setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    @property
-    def current_initial_losses(self) -> Tensor:
-        """``L(0)`` as used by the update (0 for a task not yet measured)."""
-        measured = self.initial_loss_sum / self.initial_loss_count.clamp_min(1)
-        return torch.where(self._fixed_mask, self._fixed_initial, measured)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the weight trajectory exactly."""
-        state: dict[str, Any] = {"task_names": list(self.task_names) if self.initialized else None, "steps": self.steps}
-        if self.initialized:
-            for name in self._state_names:
-                state[name] = getattr(self, name).detach().clone()
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output.
-
-        Raises:
-            ValueError: if the checkpoint's tasks or strategy differ from this balancer's.
-        """
-        names = state.get("task_names")
-        if names is None:
-            self.steps = int(state.get("steps", 0))
-            return
-        names = tuple(names)
-        if self._task_names is None:
-            self._init_tasks(_check_task_names(names))
-        elif names != self._task_names:
-            raise ValueError(
-                f"The checkpoint's {type(self).__name__} tasks {list(names)} differ from this model's "
-                f"{list(self._task_names)}; "
-                "resume with the same tasks in the same order."
-            )
-        missing = [n for n in self._state_names if n not in state and n not in _OPTIONAL_STATE]
-        if missing:
-            raise ValueError(
-                f"The checkpoint's {type(self).__name__} state lacks {missing}: it was written by another "
-                "weighting strategy; resume with the same one."
-            )
-        for name in self._state_names:
-            if name in state:
-                cur = getattr(self, name)
-                setattr(self, name, state[name].to(device=cur.device, dtype=cur.dtype).clone())
-        self.steps = int(state["steps"])
 
     # ------------------------------------------------------------------ hooks
     def attach_hooks(self) -> None:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from gradnorm_lightning._checks import _integer, _number
-from gradnorm_lightning.balancers.base import Balancer, Proposal, StepInputs
+from gradnorm_lightning.balancers.base import Balancer
+from gradnorm_lightning.balancers.interface import Proposal, StepInputs
 from gradnorm_lightning.capture import Recorder
 
 __all__ = ["DynamicWeightAverage"]

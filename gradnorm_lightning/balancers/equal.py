@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gradnorm_lightning.balancers.base import Balancer, Proposal, StepInputs
+from gradnorm_lightning.balancers.base import Balancer
+from gradnorm_lightning.balancers.interface import Proposal, StepInputs
 from gradnorm_lightning.capture import Recorder
 
 __all__ = ["EqualWeighting"]

@@ -20,7 +20,8 @@ from gradnorm_lightning._checks import (
     _number,
 )
 from gradnorm_lightning.balancers._optimizer import WeightOptimizer
-from gradnorm_lightning.balancers.base import Balancer, Proposal, StepInputs, own_arguments
+from gradnorm_lightning.balancers.base import Balancer
+from gradnorm_lightning.balancers.interface import Proposal, StepInputs, own_arguments
 from gradnorm_lightning.capture import Recorder
 
 __all__ = ["GradNorm"]

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from gradnorm_lightning._checks import OPTIMIZERS, _check_betas, _choice, _number, _real
 from gradnorm_lightning.balancers._optimizer import WeightOptimizer
-from gradnorm_lightning.balancers.base import Balancer, Proposal, StepInputs, own_arguments
+from gradnorm_lightning.balancers.base import Balancer
+from gradnorm_lightning.balancers.interface import Proposal, StepInputs, own_arguments
 from gradnorm_lightning.capture import Recorder
 
 __all__ = ["UncertaintyWeighting"]

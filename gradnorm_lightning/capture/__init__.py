@@ -3,6 +3,7 @@
 * :mod:`~.recorder`: :class:`Recorder`, handed to a balancer: forward hook, views, route, result;
 * :mod:`~.calls`: what a forward call of the layer leaves (:class:`LayerCall`);
 * :mod:`~.views`: task views, one node handing over every task's gradient;
+* :mod:`~.routes`: the route of a step (:class:`~.routes.Plan`) and why;
 * :mod:`~.heads`: the graph walk finding where each task's gradient enters the shared part;
 * :mod:`~.backward`: the hooks of one step's backward;
 * :mod:`~.norms`: exact norm rules by layer type (:func:`register_norm_rule`) and the generic one;

@@ -21,7 +21,6 @@ the recorder divides the norms by ``w_i`` and the GradScaler's scale at the end.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,41 +30,11 @@ from torch.autograd.graph import GradientEdge
 
 from gradnorm_lightning._compat import apply_node
 from gradnorm_lightning.capture.calls import LayerCall, ViewBase
-from gradnorm_lightning.capture.heads import Frontier
-from gradnorm_lightning.capture.norms import NormRule, batched_vjp
+from gradnorm_lightning.capture.norms import batched_vjp
+from gradnorm_lightning.capture.routes import Plan, unreached_message
 from gradnorm_lightning.capture.stats import Accumulator, Factored, safe_norms
 
-__all__ = ["Plan", "StepCapture"]
-
-
-@dataclasses.dataclass
-class Plan:
-    """How one step's statistics are obtained (decided once, by the recorder).
-
-    Attributes:
-        route: ``"views"``, ``"heads"``, ``"losses"``, ``"autograd"`` or ``"none"``.
-        reason: why, in words (logged once).
-        params: the shared layer's trainable parameters in this step.
-        calls: the layer calls whose outputs the sink reads (empty for ``autograd``/``none``).
-        rule: ``(name, rule)`` for a one-call output sink, else ``None`` (generic rule).
-        representation: ``mode="representation"``: norms of the output gradients themselves.
-        frontier: the heads' walk (``heads`` route).
-        views_edge: the edge of the tensor the views alias (``views`` route).
-    """
-
-    route: str
-    reason: str
-    params: list[nn.Parameter]
-    calls: list[LayerCall] = dataclasses.field(default_factory=list)
-    rule: tuple[str, NormRule] | None = None
-    representation: bool = False
-    frontier: Frontier | None = None
-    views_edge: GradientEdge | None = None
-
-    @property
-    def outputs_sink(self) -> bool:
-        """Whether per-task gradients are gathered at the layer's outputs (else at its parameters)."""
-        return self.representation or self.rule is not None
+__all__ = ["StepCapture"]
 
 
 class _TaskGrads:
@@ -138,7 +107,7 @@ class StepCapture:
         self.num_tasks = len(self.losses)
         self._accumulator = accumulator
         self.started = False
-        self.finished = plan.route == "none"
+        self.finished = False
         self._handles: list[Any] = []
         self.keep_alive: list[Any] = []  # objects the graph's hooks reach only weakly
         self._pending: dict[GradientEdge, _TaskGrads] = {}
@@ -369,7 +338,7 @@ class StepCapture:
                 loss, params, grad_outputs=self._task_scale(task, loss), retain_graph=True, allow_unused=True
             )
             if all(g is None for g in grads):
-                raise ValueError(_unreached(self.names[task], self.layer))
+                raise ValueError(unreached_message(self.names[task], self.layer))
             rows.append(torch.cat([
                 torch.zeros(p.numel(), dtype=dtype, device=p.device) if g is None else g.reshape(-1).to(dtype)
                 for g, p in zip(grads, params)
@@ -395,10 +364,3 @@ class StepCapture:
             self._finalize(list(self._sink_edges))
         else:
             self._add_dense(out)
-
-
-def _unreached(name: str, layer: nn.Module) -> str:
-    return (
-        f"The loss of task {name!r} does not depend on the shared layer ({type(layer).__name__}); "
-        "every task must be computed from the last shared layer."
-    )

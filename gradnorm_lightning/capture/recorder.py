@@ -4,7 +4,8 @@ A :class:`Recorder` is handed to a balancer. It owns the shared layer's forward 
 layer calls), the task views, the backward captures of every combined loss and their
 accumulated statistics. For each ``combine`` it decides, once, from the graph it sees, how
 the per-task gradients are obtained (the *route*) and where their norms come from (the *norm
-rule*), logs that decision once (rank zero, INFO) and hands a :class:`Plan` to a
+rule*) with a :class:`~gradnorm_lightning.capture.routes.RoutePlanner`, logs that decision once
+(rank zero, INFO) and hands the :class:`~gradnorm_lightning.capture.routes.Plan` to a
 :class:`~gradnorm_lightning.capture.backward.StepCapture`. :meth:`Recorder.collect` returns
 the step's :class:`Statistics`. Every route is exact; ``mode="representation"`` is the one
 documented approximation (norms at the layer's output instead of over its parameters).
@@ -15,8 +16,9 @@ Routes:
   gradient during the model's own backward (no extra pass);
 * ``"heads"``: the backward graph is walked from each loss to the layer; hooks on the heads'
   own nodes read each task's gradient where it enters the part tasks share (no extra pass);
-* ``"losses"`` (fallback when the graph above the layer is too large to walk): one batched
-  backward from every loss through its head to the layer (an extra pass);
+* ``"losses"`` (fallback when the graph above the layer is too large to walk, or when an
+  output was rebuilt by an in-place write the recorder cannot follow): one batched backward
+  from every loss (an extra pass);
 * ``"autograd"`` (``mode="autograd"``): one ``autograd.grad`` per task over the parameters;
 * ``"none"``: the strategy needs no norms (only the losses are recorded).
 """
@@ -33,11 +35,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from gradnorm_lightning.capture.backward import Plan, StepCapture, _unreached
+from gradnorm_lightning.capture.backward import StepCapture
 from gradnorm_lightning.capture.calls import ForwardHook, LayerCall
 from gradnorm_lightning.capture.distributed import reduce_statistics
-from gradnorm_lightning.capture.heads import OverBudget, Unreached, walk_heads
-from gradnorm_lightning.capture.norms import find_norm_rule
+from gradnorm_lightning.capture.routes import Plan, RoutePlanner
 from gradnorm_lightning.capture.stats import Accumulator
 from gradnorm_lightning.capture.views import fan_out
 
@@ -133,6 +134,7 @@ class Recorder:
         self._weights: Tensor | None = None
         self._hook: Any = None
         self._announced: set[str] = set()
+        self._planner = RoutePlanner(layer, mode, measure_norms, walk_budget)
         # the statistics' dtype: float64 for a float64 layer, else float32
         self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in layer.parameters()) else torch.float32
         self.attach()
@@ -168,7 +170,7 @@ class Recorder:
 
     @property
     def pending(self) -> bool:
-        """Whether a combined loss was recorded since the last :meth:`collect`."""
+        """Whether a combined loss was back-propagated (or an empty step recorded) since the last :meth:`collect`."""
         return self._acc is not None
 
     def _on_call(self, call: LayerCall) -> None:
@@ -217,9 +219,18 @@ class Recorder:
         link, self._views = self._views, None
         if not (torch.is_grad_enabled() and combined.requires_grad):
             return
-        acc = self._accumulator(values, len(names))
-        plan = self._plan(losses, calls, link, names)
-        capture = StepCapture(plan, self.layer, losses, values, present, weights, lambda: acc, names)
+        # A combined loss never back-propagated (abandoned) keeps its hooks on a graph that
+        # holds them in a cycle through C++: take them off; finished captures need nothing more.
+        for capture in self._captures:
+            if not capture.started:
+                capture.remove_hooks()
+        self._captures = [c for c in self._captures if c.started and not c.finished]
+        plan = self._planner.plan(losses, calls, link.edge if link is not None else None, names)
+        num_tasks = len(names)
+        # the accumulator is made by the backward: a combine never back-propagated records nothing
+        capture = StepCapture(
+            plan, self.layer, losses, values, present, weights, lambda: self._accumulator(values, num_tasks), names
+        )
         if link is not None and plan.route == "views":
             link.capture = capture
             capture.keep_alive.append(link)  # the views' node holds it weakly
@@ -236,99 +247,6 @@ class Recorder:
         self._weights = weights
 
     # ------------------------------------------------------------------ the route
-    def _plan(self, losses: Sequence[Tensor | None], calls: list[LayerCall], link: _ViewsLink | None,
-              names: Sequence[str]) -> Plan:
-        if not self.measure_norms:
-            return Plan("none", "the strategy needs no gradient norms", [])
-        if self.mode == "autograd":
-            params = [p for p in self.layer.parameters() if p.requires_grad]
-            self._check_trainable(params)
-            return Plan("autograd", "mode='autograd': one autograd.grad per task over the shared layer's parameters",
-                        params)
-        if not calls:
-            raise ValueError(
-                f"The shared layer ({type(self.layer).__name__}) was not called in the forward pass that produced "
-                "these losses (with gradients enabled); `shared_layer` must be the last layer shared by all tasks."
-            )
-        params = [p for _, p in calls[-1].params]
-        self._check_trainable(params)
-        inplace = any(c.outputs_modified() for c in calls)
-        note = "; the layer's output was written in place after the call (version counter): its gradient is " \
-            "taken at the layer's own output node" if inplace else ""
-        if link is not None:
-            plan = Plan("views", "per-task gradients from the task views' backward, no extra pass" + note, params,
-                        calls=calls, views_edge=link.edge)
-        else:
-            stops = {node for c in calls for node in c.nodes}
-            try:
-                frontier = walk_heads(losses, stops, self.walk_budget)
-            except Unreached:
-                self._check_reach(losses, params, names)
-                if self.mode == "representation":
-                    raise ValueError(
-                        "mode='representation' needs the gradient at the shared layer's output, and this graph does "
-                        "not carry it (an in-place write rebuilt the output in a way the recorder cannot follow); "
-                        "use mode='auto'."
-                    ) from None
-                return Plan("losses", "fallback: one batched backward from every loss to the parameters (an extra "
-                            "pass), because a task's gradient does not arrive at the layer's recorded outputs (an "
-                            "output rebuilt by an in-place write the recorder cannot follow)" + note, params)
-            except OverBudget:
-                plan = Plan("losses", "fallback: one batched backward from every loss through its head (an extra "
-                            f"pass), because the graph above the shared layer has more than {self.walk_budget} nodes"
-                            + note, params, calls=calls)
-            else:
-                # With several calls, an unreached one may lie below a reached one (the layer
-                # reused on its own output): the generic rule then covers it through the graph.
-                reached = [c for c in calls if c.nodes & frontier.stops] if len(calls) > 1 else calls
-                how = "per-task gradients from the heads' backward nodes, no extra pass"
-                if frontier.elementwise is not None:
-                    how += f", across the shared {frontier.elementwise.name()} by one product"
-                elif frontier.shared_part:
-                    how += ", then one batched vector-Jacobian product through the part of the graph tasks share"
-                plan = Plan("heads", how + note, params, calls=reached, frontier=frontier)
-        self._choose_sink(plan, len(calls))
-        return plan
-
-    def _choose_sink(self, plan: Plan, num_calls: int) -> None:
-        kind = type(self.layer).__name__
-        if self.mode == "representation":
-            plan.representation = True
-            plan.reason += "; mode='representation': norms of the gradients at the layer's output (an approximation)"
-            return
-        rule = find_norm_rule(self.layer)
-        why = ""
-        if num_calls != 1:
-            why = f"the layer ran {num_calls} times in this forward"
-        elif rule is None:
-            why = f"no norm rule is registered for {kind}"
-        elif not plan.calls[0].inputs_unchanged():
-            why = "an input of the layer was written in place after the call"
-        if why:
-            plan.reason += f"; norms by one batched vector-Jacobian product to the parameters (generic rule: {why})"
-            return
-        assert rule is not None
-        plan.rule = rule
-        plan.reason += f"; norms by the {rule[0]} rule for {kind}"
-
-    def _check_reach(self, losses: Sequence[Tensor | None], params: list[nn.Parameter], names: Sequence[str]) -> None:
-        """Raise the clear error for a loss that does not reach the layer's parameters at all."""
-        leaves = {get_gradient_edge(p).node for p in params}
-        try:
-            walk_heads(losses, leaves, self.walk_budget)
-        except Unreached as err:
-            raise ValueError(_unreached(names[err.args[0]], self.layer)) from None
-        except OverBudget:
-            pass  # too large to tell: a task that does not reach gets zero norms
-
-    def _check_trainable(self, params: list[nn.Parameter]) -> None:
-        if not params:
-            raise ValueError(
-                f"The shared layer ({type(self.layer).__name__}) has no trainable parameters in this step (all "
-                "`requires_grad=False`); GradNorm's norms run over them: unfreeze at least one, or stop the "
-                "balancing while the layer is frozen."
-            )
-
     def _announce(self, plan: Plan) -> None:
         message = f"{plan.route}: {plan.reason}"
         if message in self._announced:

@@ -29,7 +29,7 @@ from gradnorm_lightning.balancers import (
     GradNorm,
     UncertaintyWeighting,
 )
-from gradnorm_lightning.balancers.base import own_arguments
+from gradnorm_lightning.balancers.interface import own_arguments
 from gradnorm_lightning.lightning.mixin import GradNormMixin
 from gradnorm_lightning.nonfinite import zero_nonfinite_grads_
 
