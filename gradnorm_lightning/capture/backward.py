@@ -289,15 +289,20 @@ class StepCapture:
 
     def _add_dense(self, grads: Sequence[Tensor | None]) -> None:
         """Per-task parameter gradients from a VJP, as one masked ``(T, P)`` block."""
-        acc = self._accumulator()
-        dtype = acc.loss_sum.dtype
-        parts = [
-            torch.zeros(self.num_tasks, p.numel(), dtype=dtype, device=p.device) if g is None
-            else g.reshape(self.num_tasks, -1).to(dtype)
-            for g, p in zip(grads, self.plan.params)
-        ]
-        dense = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        acc.add(torch.where(self.present[:, None], dense, 0.0))
+        dense = self._dense_buffer()
+        offset = 0
+        for g, p in zip(grads, self.plan.params):
+            n = p.numel()
+            if g is not None:
+                dense[:, offset : offset + n].copy_(g.reshape(self.num_tasks, n))
+            offset += n
+        self._accumulator().add(dense.masked_fill_(~self.present[:, None], 0.0))
+
+    def _dense_buffer(self) -> Tensor:
+        """A zeroed ``(T, P)`` block for per-task parameter gradients, in the statistics' dtype."""
+        size = sum(p.numel() for p in self.plan.params)
+        return torch.zeros(self.num_tasks, size, dtype=self._accumulator().loss_sum.dtype,
+                           device=self.present.device)
 
     def _finalize(self, edges: Sequence[GradientEdge]) -> None:
         """Turn the complete per-task gradients at these output edges into statistics."""
@@ -328,22 +333,22 @@ class StepCapture:
     def _autograd(self, acc: Accumulator) -> None:
         """One ``autograd.grad`` per task over the parameters: the exact reference route."""
         params = self.plan.params
-        dtype = acc.loss_sum.dtype
-        rows = []
+        dense = self._dense_buffer()
         for task, loss in enumerate(self.losses):
             if loss is None:
-                rows.append(torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=self.scale.device))
                 continue
             grads = torch.autograd.grad(
                 loss, params, grad_outputs=self._task_scale(task, loss), retain_graph=True, allow_unused=True
             )
             if all(g is None for g in grads):
                 raise ValueError(unreached_message(self.names[task], self.layer))
-            rows.append(torch.cat([
-                torch.zeros(p.numel(), dtype=dtype, device=p.device) if g is None else g.reshape(-1).to(dtype)
-                for g, p in zip(grads, params)
-            ]))
-        acc.add(torch.where(self.present[:, None], torch.stack(rows), 0.0))
+            offset = 0
+            for g, p in zip(grads, params):
+                n = p.numel()
+                if g is not None:
+                    dense[task, offset : offset + n].copy_(g.reshape(-1))
+                offset += n
+        acc.add(dense.masked_fill_(~self.present[:, None], 0.0))
 
     def _from_losses(self) -> None:
         """Every task's gradient from its loss, all tasks in one batched backward (an extra pass)."""
