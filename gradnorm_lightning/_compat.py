@@ -19,6 +19,7 @@ __all__ = [
     "scaler_state",
     "should_update_logs",
     "tensor_version",
+    "trainer_scaler",
     "view_base",
 ]
 
@@ -68,6 +69,12 @@ def should_update_logs(trainer: Any) -> bool:
         return True
     connector = getattr(trainer, "_logger_connector", None)
     return bool(getattr(connector, "should_update_logs", True))
+
+
+def trainer_scaler(module: Any) -> Any:
+    """The GradScaler of the Trainer a LightningModule is attached to (``None`` without one)."""
+    trainer = getattr(module, "_trainer", None)
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
 
 
 def scaler_state(scaler: Any, optimizer: Any) -> tuple[Tensor | None, Tensor | None]:

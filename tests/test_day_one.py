@@ -297,3 +297,17 @@ def test_a_batch_without_any_task_in_a_plain_loop() -> None:
     opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, (*layer.parameters(), *head.parameters())))
     assert float(gn.empty_steps) == 1 and float(gn.num_updates) == 0
+
+
+def test_a_batch_without_any_task_under_fp16_amp_trains_on() -> None:
+    """The GradScaler refuses a step without any gradient: the empty loss then gives zero ones."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    snaps = Snapshots()
+    cb = GradNormCallback(optimizer="sgd")
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    make_trainer(5, [cb, snaps], plugins=[plugin]).fit(Sometimes("placeholders"))
+    assert len(snaps.params) == 5
+    assert torch.equal(snaps.params[2], snaps.params[1])  # zero gradients, plain SGD: unchanged
+    assert torch.equal(snaps.weights[2], snaps.weights[1])
+    assert float(cb.balancer.empty_steps) == 1

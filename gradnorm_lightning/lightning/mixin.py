@@ -8,6 +8,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from gradnorm_lightning._compat import trainer_scaler
+
 __all__ = ["GradNormMixin", "TaskBalancer"]
 
 
@@ -31,12 +33,14 @@ def _empty_loss(module: Any, like: Tensor | None) -> Tensor:
     """The loss of a batch without any task: a zero that requires grad.
 
     In one process it reaches no parameter (every gradient stays ``None`` and the optimizer
-    skips every parameter); under DDP every trainable parameter gets a zero gradient, so this
-    process still takes part in the gradient reduction.
+    skips every parameter). Under DDP, and under fp16 AMP (whose GradScaler refuses a step
+    without any gradient), every trainable parameter gets a zero gradient instead, so that the
+    process takes part in the gradient reduction and the scaler sees finite gradients.
     """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
-    if distributed and isinstance(module, nn.Module):
+    scaler = trainer_scaler(module)
+    if (distributed or (scaler is not None and scaler.is_enabled())) and isinstance(module, nn.Module):
         params = [p for p in module.parameters() if p.requires_grad]
         if params:
             return torch.stack([p.sum() for p in params]).sum() * 0.0
