@@ -290,13 +290,18 @@ class StepCapture:
     def _add_dense(self, grads: Sequence[Tensor | None]) -> None:
         """Per-task parameter gradients from a VJP, as one masked ``(T, P)`` block."""
         dense = self._dense_buffer()
+        self._write(dense, slice(None), grads)
+        self._accumulator().add(dense.masked_fill_(~self.present[:, None], 0.0))
+
+    def _write(self, dense: Tensor, rows: int | slice, grads: Sequence[Tensor | None]) -> None:
+        """Copy per-parameter gradients into ``dense[rows]``, parameter after parameter (``None``: zeros)."""
         offset = 0
         for g, p in zip(grads, self.plan.params):
             n = p.numel()
             if g is not None:
-                dense[:, offset : offset + n].copy_(g.reshape(self.num_tasks, n))
+                block = dense[rows, offset : offset + n]
+                block.copy_(g.reshape(block.shape))
             offset += n
-        self._accumulator().add(dense.masked_fill_(~self.present[:, None], 0.0))
 
     def _dense_buffer(self) -> Tensor:
         """A zeroed ``(T, P)`` block for per-task parameter gradients, in the statistics' dtype."""
@@ -342,12 +347,7 @@ class StepCapture:
             )
             if all(g is None for g in grads):
                 raise ValueError(unreached_message(self.names[task], self.layer))
-            offset = 0
-            for g, p in zip(grads, params):
-                n = p.numel()
-                if g is not None:
-                    dense[task, offset : offset + n].copy_(g.reshape(-1))
-                offset += n
+            self._write(dense, task, grads)
         acc.add(dense.masked_fill_(~self.present[:, None], 0.0))
 
     def _from_losses(self) -> None:

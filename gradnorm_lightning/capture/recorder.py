@@ -126,7 +126,6 @@ class Recorder:
         self.mode = mode
         self.distributed = distributed
         self.measure_norms = measure_norms
-        self.walk_budget = walk_budget
         self._calls: list[LayerCall] = []
         self._views: _ViewsLink | None = None
         self._captures: list[StepCapture] = []
