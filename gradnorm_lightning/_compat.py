@@ -6,6 +6,7 @@ Everything else in the package uses public APIs only.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,8 +14,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "accumulate_grad_type",
+    "any_nonfinite",
     "apply_node",
-    "max_abs_per_tensor",
     "node_sequence_nr",
     "scaler_state",
     "should_update_logs",
@@ -44,23 +46,47 @@ def node_sequence_nr(node: Any) -> int | None:
     return None if get is None else int(get())
 
 
+@functools.cache
+def accumulate_grad_type() -> type:
+    """The Python type of autograd's leaf nodes (``AccumulateGrad``, a parameter's accumulator)."""
+    leaf = torch.zeros(1, requires_grad=True)
+    node = torch.autograd.graph.get_gradient_edge(leaf).node
+    return type(node)
+
+
 def apply_node(node: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
     """Run one autograd node's backward on ``grads`` (its vector-Jacobian product)."""
     out = node(*grads)
     return out if isinstance(out, tuple) else (out,)
 
 
-def max_abs_per_tensor(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """``max |t|`` of every tensor, by two fused multi-tensor calls where torch has them.
+def any_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor: whether any entry of ``tensors`` is NaN or infinite (no host read).
 
-    NaN and Inf propagate. (``torch._foreach_norm(ts, inf)`` gives the same but is several
-    times slower on CPU.)
+    One fused multi-tensor check per device and dtype (the GradScaler's own,
+    ``torch._amp_foreach_non_finite_check_and_unscale_``, with a scale of 1, which leaves every
+    value as it is); where torch lacks it for a dtype, a max of absolute values per tensor.
     """
-    foreach_max = getattr(torch, "_foreach_max", None)
-    foreach_abs = getattr(torch, "_foreach_abs", None)
-    if foreach_max is not None and foreach_abs is not None:
-        return list(foreach_max(foreach_abs(list(tensors))))
-    return [t.abs().amax() for t in tensors]
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    flags = []
+    check = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
+    for (device, _), group in groups.items():
+        if check is not None and not any(t.is_sparse for t in group):
+            found = torch.zeros(1, device=device)
+            try:
+                check(group, found, torch.ones(1, device=device))
+                flags.append(found.reshape(()) > 0)
+                continue
+            except (RuntimeError, NotImplementedError):
+                pass
+        peaks = [t.abs().amax() if t.numel() else t.new_zeros(()) for t in group]
+        flags.append(~torch.isfinite(torch.stack([p.float() for p in peaks])).all())
+    if not flags:
+        return torch.zeros((), dtype=torch.bool)
+    first = flags[0]
+    return first if len(flags) == 1 else torch.stack([f.to(first.device) for f in flags]).any()
 
 
 def should_update_logs(trainer: Any) -> bool:

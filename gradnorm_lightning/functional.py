@@ -12,14 +12,18 @@ Adaptive Loss Balancing in Deep Multitask Networks* (ICML 2018). With ``T`` task
 
 Every function accepts an optional boolean ``present`` mask: tasks outside it take no part
 (their loss was missing or non-finite on that step), so means run over the present tasks
-only and their gradient is zero. All decisions are made with :func:`torch.where`, so the
-functions never read a tensor value on the host.
+only and their gradient is zero. All decisions are made with ``where``, so the functions never
+read a tensor value on the host. They take torch tensors, or NumPy arrays (the balancers' update
+on the CPU: :mod:`gradnorm_lightning._arrays`).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import Tensor
+
+from gradnorm_lightning._arrays import array_ops
 
 __all__ = [
     "adam_update",
@@ -30,14 +34,15 @@ __all__ = [
 ]
 
 
-def _present_or_all(x: Tensor, present: Tensor | None) -> Tensor:
+def _present_or_all(x: Any, present: Any) -> Any:
     if present is None:
-        return torch.ones_like(x, dtype=torch.bool)
+        return array_ops(x).true_like(x)
     return present
 
 
-def _masked_mean(x: Tensor, present: Tensor) -> Tensor:
-    return torch.where(present, x, 0.0).sum() / present.sum().clamp_min(1)
+def _masked_mean(x: Any, present: Any) -> Any:
+    xp = array_ops(x)
+    return xp.where(present, x, 0.0).sum() / xp.clamp_min(xp.count(present, x), 1.0)
 
 
 def inverse_training_rates(
@@ -66,7 +71,7 @@ def inverse_training_rates(
     present = _present_or_all(losses, present)
     ratios = losses / initial_losses
     # Absent tasks may hold NaN/Inf: keep them out of the mean and out of the division.
-    safe_ratios = torch.where(present, ratios, 1.0)
+    safe_ratios = array_ops(ratios).where(present, ratios, 1.0)
     return ratios, safe_ratios / _masked_mean(safe_ratios, present)
 
 
@@ -134,12 +139,13 @@ def gradnorm_weight_grad_from_rates(
         ...                                 torch.tensor([True, True]))
         (tensor([-1.,  3.]), tensor(2.))
     """
-    safe_norms = torch.where(present, grad_norms, 0.0)
+    xp = array_ops(weights)
+    safe_norms = xp.where(present, grad_norms, 0.0)
     weighted = weights * safe_norms
-    diff = weighted - _masked_mean(weighted, present) * inverse_rates.pow(alpha)
-    gradnorm_loss = torch.where(present, diff.abs(), 0.0).sum()
+    diff = weighted - _masked_mean(weighted, present) * inverse_rates**alpha
+    gradnorm_loss = xp.where(present, abs(diff), 0.0).sum()
     # absent tasks: sign(finite) * 0 = 0
-    return torch.sign(diff) * safe_norms, gradnorm_loss
+    return xp.sign(diff) * safe_norms, gradnorm_loss
 
 
 def renormalize_weights(
@@ -170,12 +176,13 @@ def renormalize_weights(
         ...                     present=torch.tensor([True, True, False]))
         tensor([1.5000, 0.5000, 1.0000])
     """
+    xp = array_ops(weights)
     present = _present_or_all(weights, present)
-    num_tasks = weights.numel()
-    clamped = weights.clamp_min(min_weight)
-    absent_sum = torch.where(present, 0.0, previous).sum()
-    present_sum = torch.where(present, clamped, 0.0).sum()
-    return torch.where(present, clamped * ((num_tasks - absent_sum) / present_sum), previous)
+    num_tasks = weights.shape[0]
+    clamped = xp.clamp_min(weights, min_weight)
+    absent_sum = xp.where(present, 0.0, previous).sum()
+    present_sum = xp.where(present, clamped, 0.0).sum()
+    return xp.where(present, clamped * ((num_tasks - absent_sum) / present_sum), previous)
 
 
 def adam_update(
@@ -214,8 +221,9 @@ def adam_update(
     step = step + 1
     exp_avg = exp_avg * beta1 + grad * (1 - beta1)
     exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
-    bias_correction1 = 1 - torch.pow(beta1, step)
-    bias_correction2 = 1 - torch.pow(beta2, step)
-    denom = exp_avg_sq.sqrt() / bias_correction2.sqrt() + eps
+    xp = array_ops(grad)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denom = xp.sqrt(exp_avg_sq) / xp.sqrt(bias_correction2) + eps
     direction = exp_avg / bias_correction1 / denom
     return direction, exp_avg, exp_avg_sq, step

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from gradnorm_lightning import GradNorm, Recorder, register_norm_rule
 from gradnorm_lightning.capture import find_norm_rule
-from gradnorm_lightning.capture.norms import _RULES
+from gradnorm_lightning.capture.norms import _FOUND, _RULES
 
 F64 = torch.float64
 
@@ -232,6 +232,30 @@ def test_float32_norms_do_not_overflow_for_finite_gradients() -> None:
         assert bool(gn.last_stats["applied"]), (mode, views)
 
 
+@pytest.mark.parametrize("shape", [(3, 40, 5, 4), (3, 4, 30, 20)], ids=["ghost", "direct"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_factored_norms_match_float64_at_extreme_scales(shape: tuple[int, int, int, int], bias: bool) -> None:
+    """The Linear rule's norms (both formulas) against float64 dense norms, tasks ranging from
+    denormal-adjacent to near the float32 maximum (the power-of-two prescaling is exact)."""
+    from gradnorm_lightning.capture.stats import Factored
+
+    num_tasks, n, d_in, d_out = shape
+    gen = torch.Generator().manual_seed(1)
+    for row_scale in (1e-20, 1.0, 1e15):
+        rows = torch.randn(n, d_in, generator=gen) * row_scale
+        task_scales = torch.tensor([1e-25, 1.0, 1e18])[:num_tasks]
+        grads = torch.randn(n, num_tasks, d_out, generator=gen).transpose(0, 1) * task_scales[:, None, None]
+        got = Factored(rows, grads, weight=True, bias=bias).norms()
+        g64, h64 = grads.double(), rows.double()
+        dense = torch.einsum("tno,ni->toi", g64, h64).flatten(1)
+        if bias:
+            dense = torch.cat([dense, g64.sum(dim=1)], dim=1)
+        want = torch.linalg.vector_norm(dense, dim=1)
+        assert torch.isfinite(got).all(), (row_scale, got)
+        # (atol: a norm below float32's smallest normal number cannot be represented exactly)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=torch.finfo(torch.float32).tiny)
+
+
 # ------------------------------------------------------------------------------ norm rules
 def test_a_registered_rule_is_used_and_a_declining_rule_falls_back(caplog) -> None:
     class Scaled(nn.Linear):
@@ -253,6 +277,7 @@ def test_a_registered_rule_is_used_and_a_declining_rule_falls_back(caplog) -> No
         assert "test rule" in caplog.text
     finally:
         del _RULES[Scaled]
+        _FOUND.clear()
 
 
 def test_linear_rule_ghost_and_direct_agree_with_dense() -> None:

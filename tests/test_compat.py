@@ -6,6 +6,7 @@ When an upgrade breaks one of them, the test named after it fails here first.
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 
@@ -27,6 +28,13 @@ def test_node_sequence_numbers_grow_with_creation() -> None:
     assert seq_a is not None and seq_b is not None and seq_b > seq_a
 
 
+def test_accumulate_grad_type_is_the_type_of_parameter_leaves() -> None:
+    p = torch.nn.Parameter(torch.ones(2))
+    node = (p * 2).sum().grad_fn.next_functions[0][0].next_functions[0][0]
+    assert type(node) is _compat.accumulate_grad_type()
+    assert type((p * 2).grad_fn) is not _compat.accumulate_grad_type()
+
+
 def test_apply_node_is_the_nodes_vjp() -> None:
     x = torch.tensor([-1.0, 2.0], requires_grad=True)
     y = torch.relu(x)
@@ -34,9 +42,22 @@ def test_apply_node_is_the_nodes_vjp() -> None:
     assert grad.tolist() == [0.0, 1.0]
 
 
-def test_max_abs_per_tensor_propagates_non_finite_values() -> None:
-    peaks = _compat.max_abs_per_tensor([torch.tensor([1.0, -3.0]), torch.tensor([float("nan")]), torch.tensor([float("inf")])])
-    assert peaks[0].item() == 3.0 and torch.isnan(peaks[1]) and torch.isinf(peaks[2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_any_nonfinite_finds_nan_and_inf_in_any_tensor_and_changes_nothing(dtype: torch.dtype) -> None:
+    clean = [torch.tensor([1.0, -3.0], dtype=dtype), torch.zeros(0, dtype=dtype), torch.full((3, 2), 7.0, dtype=dtype)]
+    before = [t.clone() for t in clean]
+    assert not bool(_compat.any_nonfinite(clean))
+    assert all(torch.equal(a, b) for a, b in zip(clean, before))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        tensors = [t.clone() for t in clean]
+        tensors[2][1, 0] = bad
+        assert bool(_compat.any_nonfinite(tensors)), (dtype, bad)
+        expected = clean[2].clone()
+        expected[1, 0] = bad
+        torch.testing.assert_close(tensors[2], expected, equal_nan=True)  # the check writes nothing
+    mixed = [torch.ones(2), torch.tensor([float("nan")], dtype=torch.float64)]
+    assert bool(_compat.any_nonfinite(mixed)) and not bool(_compat.any_nonfinite(mixed[:1]))
+    assert not bool(_compat.any_nonfinite([]))
 
 
 def test_should_update_logs_follows_log_every_n_steps() -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradnorm_lightning import functional as F
+from gradnorm_lightning._arrays import array_ops
 
 __all__ = ["WeightOptimizer"]
 
@@ -42,27 +44,31 @@ class WeightOptimizer:
         """Adam's moments and per-task step counts (kept for SGD too: one checkpoint layout)."""
         return {name: torch.zeros(num_tasks, dtype=dtype, device=device) for name in STATE}
 
-    def current_lr(self, num_updates: Tensor) -> Tensor | float:
-        """The learning rate after ``num_updates`` updates (a 0-dim tensor when it decays)."""
+    def current_lr(self, num_updates: Any) -> Any:
+        """The learning rate after ``num_updates`` updates (0-dim, like ``num_updates``, when it decays)."""
         if self.decay_rate == 1.0:
             return self.lr
+        xp = array_ops(num_updates)
         exponent = num_updates / self.decay_steps
         if self.staircase:
-            exponent = torch.floor(exponent)
-        return self.lr * torch.exp(exponent * math.log(self.decay_rate))
+            exponent = xp.floor(exponent)
+        return self.lr * xp.exp(exponent * math.log(self.decay_rate))
 
-    def step(self, grad: Tensor, state: dict[str, Tensor], num_updates: Tensor,
-             present: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The step ``lr * direction`` to subtract, and the changed state (for present tasks only)."""
+    def step(self, grad: Any, state: dict[str, Any], num_updates: Any, present: Any) -> tuple[Any, dict[str, Any]]:
+        """The step ``lr * direction`` to subtract, and the changed state (for present tasks only).
+
+        Takes torch tensors or NumPy arrays (all of one kind) and returns the same kind.
+        """
         lr = self.current_lr(num_updates)
         if self.kind != "adam":
             return lr * grad, {}
+        xp = array_ops(grad)
         direction, exp_avg, exp_avg_sq, steps = F.adam_update(
             grad, state["exp_avg"], state["exp_avg_sq"], state["adam_steps"], self.betas, self.eps
         )
         new = {
-            "exp_avg": torch.where(present, exp_avg, state["exp_avg"]),
-            "exp_avg_sq": torch.where(present, exp_avg_sq, state["exp_avg_sq"]),
-            "adam_steps": torch.where(present, steps, state["adam_steps"]),
+            "exp_avg": xp.where(present, exp_avg, state["exp_avg"]),
+            "exp_avg_sq": xp.where(present, exp_avg_sq, state["exp_avg_sq"]),
+            "adam_steps": xp.where(present, steps, state["adam_steps"]),
         }
         return lr * direction, new

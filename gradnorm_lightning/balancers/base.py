@@ -15,10 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradnorm_lightning import _arrays
 from gradnorm_lightning import functional as F
+from gradnorm_lightning._arrays import NUMPY, TORCH, ArrayOps, from_host, to_host
 from gradnorm_lightning._checks import (
     DISTRIBUTED_MODES,
     MODES,
@@ -34,6 +37,7 @@ from gradnorm_lightning.balancers._losses import LossesLike, normalize_losses
 from gradnorm_lightning.balancers._state import TaskState
 from gradnorm_lightning.balancers.interface import Proposal, StepInputs
 from gradnorm_lightning.capture import Recorder
+from gradnorm_lightning.capture.recorder import Statistics
 
 __all__ = ["Balancer", "Proposal", "StepInputs"]
 
@@ -73,6 +77,10 @@ class Balancer(TaskState):
     needs_norms: ClassVar[bool] = True
     #: the log key of the strategy's objective (``None``: it has none)
     objective_key: ClassVar[str | None] = None
+    #: whether :meth:`propose` also takes NumPy arrays (``inputs.ops`` names the kind): then,
+    #: on the CPU, the update runs on NumPy views of the state, several times cheaper per
+    #: operation than torch's small-tensor calls
+    host_update: ClassVar[bool] = False
     #: option name -> checker returning the normalised value (each class adds its own)
     _option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
         "initial_losses": _check_initial_losses,
@@ -273,13 +281,19 @@ class Balancer(TaskState):
         return torch.zeros((), dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ the update
+    def updates_on_host(self) -> bool:
+        """Whether :meth:`step` runs its ``(T,)`` math on NumPy views of the state (the weights
+        are on the CPU, the strategy supports it, and nothing is being compiled)."""
+        return self.host_update and _arrays.host_reads_free(self.device)
+
     @torch.no_grad()
     def step(self, grad_scale: Tensor | float | None = None, found_inf: Tensor | None = None) -> None:
         """Update the weights from what the backward passes since the last step recorded.
 
         Call it after the model's backward (after every backward pass of an accumulation
         window), before or after the model's optimizer step. Without a recorded ``combine``
-        it does nothing. Runs on the weights' device without reading any value on the host.
+        it does nothing. Runs on the weights' device without reading any value on the host
+        (on the CPU, where the device is the host, on NumPy views of the same memory).
 
         Args:
             grad_scale: the factor the recorded backward passes were scaled by beyond the
@@ -294,46 +308,67 @@ class Balancer(TaskState):
         if stats is None:
             return
         self.steps += 1
-        present, losses, norms = stats.present, stats.losses, stats.grad_norms
+        if not self.updates_on_host():
+            self._update(stats, found_inf, TORCH, lambda t: t, lambda t: t)
+            return
+        dtype = self.dtype
+        with np.errstate(all="ignore"):
+            self._update(stats, found_inf, NUMPY, to_host, lambda a: from_host(a, dtype))
+
+    def _update(self, stats: Statistics, found_inf: Tensor | None, xp: ArrayOps,
+                get: Callable[[Tensor], Any], put: Callable[[Any], Tensor]) -> None:
+        """The update, in ``xp``'s arrays: ``get`` reads a state tensor, ``put`` makes one."""
+        present, losses, norms = get(stats.present), get(stats.losses), get(stats.grad_norms)
+        count, total = get(self.initial_loss_count), get(self.initial_loss_sum)
         # L(0): measured over the first `initial_loss_steps` present steps, or fixed.
         if self._all_fixed:
-            initial = self._fixed_initial
+            initial = get(self._fixed_initial)
         else:
-            collecting = present & (self.initial_loss_count < self.initial_loss_steps)
-            init_count = self.initial_loss_count + collecting
-            init_sum = self.initial_loss_sum + losses * collecting  # absent tasks' losses are 0
-            initial = init_sum / init_count.clamp_min(1)
+            collecting = present & (count < self.initial_loss_steps)
+            init_count = count + collecting
+            init_sum = total + losses * collecting  # absent tasks' losses are 0
+            initial = init_sum / xp.clamp_min(init_count, 1.0)
             if self._any_fixed:
-                initial = torch.where(self._fixed_mask, self._fixed_initial, initial)
+                initial = xp.where(get(self._fixed_mask), get(self._fixed_initial), initial)
         ratios, rates = F.inverse_training_rates(losses, initial, present)
-        weights = self.weights
-        proposal = self.propose(StepInputs(weights, norms, losses, initial, present, ratios, rates, self.num_updates))
-        ok = present.any() & (proposal.valid | ~present).all()
-        if found_inf is not None:
-            ok = ok & (found_inf.to(ok.device) == 0).reshape(())
-        self.weights = torch.where(ok, proposal.weights, weights)
-        for name, value in proposal.state.items():
-            setattr(self, name, torch.where(ok, value, getattr(self, name)))
-        if not self._all_fixed:
-            self.initial_loss_sum = torch.where(ok, init_sum, self.initial_loss_sum)
-            self.initial_loss_count = torch.where(ok, init_count, self.initial_loss_count)
+        weights = get(self.weights)
+        proposal = self.propose(
+            StepInputs(weights, norms, losses, initial, present, ratios, rates, get(self.num_updates), xp)
+        )
         absent = ~present
-        self.num_updates = self.num_updates + ok
-        self.skipped = self.skipped + absent
-        self.skipped_updates = self.skipped_updates + ~ok
-        self.empty_steps = self.empty_steps + absent.all()
+        ok = present.any() & (proposal.valid | absent).all()
+        if found_inf is not None:
+            ok = ok & (get(found_inf.to(self.device)) == 0).reshape(())
+        if xp is TORCH:
+            def pick(new: Any, old: Tensor) -> Tensor:
+                return torch.where(ok, new, old)
+        else:  # on the host the decision is a plain branch (nothing to synchronise with)
+            applied = bool(ok)
+
+            def pick(new: Any, old: Tensor) -> Tensor:
+                return put(new) if applied else old
+        self.weights = pick(proposal.weights, self.weights)
+        for name, value in proposal.state.items():
+            setattr(self, name, pick(value, getattr(self, name)))
+        if not self._all_fixed:
+            self.initial_loss_sum = pick(init_sum, self.initial_loss_sum)
+            self.initial_loss_count = pick(init_count, self.initial_loss_count)
+        self.num_updates = put(get(self.num_updates) + ok)
+        self.skipped = put(get(self.skipped) + absent)
+        self.skipped_updates = put(get(self.skipped_updates) + ~ok)
+        self.empty_steps = put(get(self.empty_steps) + absent.all())
         self.last_stats = {
             "weights": self.weights,
-            "grad_norms": norms,
-            "loss_ratios": ratios,
-            "inverse_rates": rates,
+            "grad_norms": stats.grad_norms,
+            "loss_ratios": put(ratios),
+            "inverse_rates": put(rates),
             "skipped": self.skipped,
-            "present": present,
-            "applied": ok,
+            "present": stats.present,
+            "applied": put(ok),
             "route": stats.route,
         }
         if proposal.objective is not None:
-            self.last_stats["loss"] = proposal.objective
+            self.last_stats["loss"] = put(proposal.objective)
 
     # ------------------------------------------------------------------ copies
     def __repr__(self) -> str:

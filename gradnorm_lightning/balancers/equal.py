@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
-import torch
 from torch import nn
 
 from gradnorm_lightning.balancers.base import Balancer
@@ -36,6 +36,8 @@ class EqualWeighting(Balancer):
 
     needs_norms = False
 
+    host_update: ClassVar[bool] = True
+
     def __init__(
         self,
         shared_layer: nn.Module,
@@ -54,4 +56,4 @@ class EqualWeighting(Balancer):
 
     def propose(self, inputs: StepInputs) -> Proposal:
         """Keep the weights; valid where the loss ratios are finite."""
-        return Proposal(inputs.weights, torch.isfinite(inputs.inverse_rates) & (inputs.initial_losses > 0))
+        return Proposal(inputs.weights, inputs.ops.isfinite(inputs.inverse_rates) & (inputs.initial_losses > 0))

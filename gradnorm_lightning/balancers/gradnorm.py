@@ -114,6 +114,7 @@ class GradNorm(Balancer):
     """
 
     objective_key: ClassVar[str | None] = "gradnorm/loss"
+    host_update: ClassVar[bool] = True
     exp_avg: Tensor
     exp_avg_sq: Tensor
     adam_steps: Tensor
@@ -194,27 +195,27 @@ class GradNorm(Balancer):
 
     def propose(self, inputs: StepInputs) -> Proposal:
         """The GradNorm rule: a step along ``dL_grad/dw_i = sign(G_i - target_i) n_i``, renormalised."""
-        w, present = inputs.weights, inputs.present
+        w, present, xp = inputs.weights, inputs.present, inputs.ops
         grad, objective = F.gradnorm_weight_grad_from_rates(w, inputs.grad_norms, inputs.inverse_rates, self.alpha, present)
-        state = {name: getattr(self, name) for name in ("exp_avg", "exp_avg_sq", "adam_steps")}
+        state = {name: xp.view(getattr(self, name)) for name in ("exp_avg", "exp_avg_sq", "adam_steps")}
+        floor_steps = xp.view(self.floor_steps)
         if self.weight_space == "log":
             # w = exp(s): dL/ds = dL/dw * w; no floor is needed (exp > 0)
             delta, state = self._optim.step(grad * w, state, inputs.num_updates, present)
-            raw = torch.exp(torch.log(w) - delta)
-            new = F.renormalize_weights(raw, w, present, torch.finfo(w.dtype).tiny)
-            floor_steps = self.floor_steps
+            raw = xp.exp(xp.log(w) - delta)
+            new = F.renormalize_weights(raw, w, present, xp.tiny(w))
         else:
             delta, state = self._optim.step(grad, state, inputs.num_updates, present)
             raw = w - delta
             new = F.renormalize_weights(raw, w, present, self.min_weight)
-            floor_steps = self.floor_steps + (present & (raw < self.min_weight)).any()
+            floor_steps = floor_steps + (present & (raw < self.min_weight)).any()
         valid = (
-            torch.isfinite(inputs.grad_norms) & torch.isfinite(inputs.inverse_rates + new) & (inputs.initial_losses > 0)
+            xp.isfinite(inputs.grad_norms) & xp.isfinite(inputs.inverse_rates + new) & (inputs.initial_losses > 0)
         )
         state = {
             **state,
             "floor_steps": floor_steps,
-            "jump_steps": self.jump_steps + ((new - w).abs().amax() > _JUMP),
+            "jump_steps": xp.view(self.jump_steps) + (xp.amax(abs(new - w)) > _JUMP),
         }
         return Proposal(new, valid, objective, state)
 

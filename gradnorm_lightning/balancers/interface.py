@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
+from gradnorm_lightning._arrays import TORCH, ArrayOps
+
 __all__ = ["Proposal", "StepInputs", "own_arguments"]
 
 
@@ -22,6 +24,10 @@ class StepInputs(NamedTuple):
         loss_ratios: ``L_i / L_i(0)``.
         inverse_rates: ``r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0))`` over the present tasks.
         num_updates: the updates applied so far (0-dim).
+        ops: the operations for these inputs' kind of array: torch tensors, or NumPy arrays
+            when the strategy declares ``host_update`` and the weights are on the CPU. A
+            strategy reads its own state tensors through ``ops.view(self.<name>)`` and returns
+            arrays of the same kind.
     """
 
     weights: Tensor
@@ -32,6 +38,7 @@ class StepInputs(NamedTuple):
     loss_ratios: Tensor
     inverse_rates: Tensor
     num_updates: Tensor
+    ops: ArrayOps = TORCH
 
 
 class Proposal(NamedTuple):

@@ -48,6 +48,7 @@ class UncertaintyWeighting(Balancer):
 
     needs_norms = False
     objective_key: ClassVar[str | None] = "uncertainty/loss"
+    host_update: ClassVar[bool] = True
     log_vars: Tensor
     exp_avg: Tensor
     exp_avg_sq: Tensor
@@ -101,15 +102,15 @@ class UncertaintyWeighting(Balancer):
                 **self._optim.initial_state(num_tasks, self.dtype, self.device)}
 
     def propose(self, inputs: StepInputs) -> Proposal:
-        """One optimizer step on ``s`` along ``1 - exp(-s_i) L_i``; ``w = exp(-s)``."""
-        present = inputs.present
-        zero = torch.zeros_like(inputs.losses)
-        losses = torch.where(present, inputs.losses, zero)
-        grad = torch.where(present, 1 - torch.exp(-self.log_vars) * losses, zero)
-        state = {name: getattr(self, name) for name in ("exp_avg", "exp_avg_sq", "adam_steps")}
+        xp, present = inputs.ops, inputs.present
+        log_vars = xp.view(self.log_vars)
+        zero = xp.zeros_like(inputs.losses)
+        losses = xp.where(present, inputs.losses, zero)
+        grad = xp.where(present, 1 - xp.exp(-log_vars) * losses, zero)
+        state = {name: xp.view(getattr(self, name)) for name in ("exp_avg", "exp_avg_sq", "adam_steps")}
         delta, state = self._optim.step(grad, state, inputs.num_updates, present)
-        log_vars = torch.where(present, self.log_vars - delta, self.log_vars)
-        weights = torch.where(present, torch.exp(-log_vars), inputs.weights)
-        objective = torch.where(present, inputs.weights * losses + self.log_vars, zero).sum()
-        valid = torch.isfinite(log_vars) & torch.isfinite(inputs.losses)
-        return Proposal(weights, valid, objective, {**state, "log_vars": log_vars})
+        new_log_vars = xp.where(present, log_vars - delta, log_vars)
+        weights = xp.where(present, xp.exp(-new_log_vars), inputs.weights)
+        objective = xp.where(present, inputs.weights * losses + log_vars, zero).sum()
+        valid = xp.isfinite(new_log_vars) & xp.isfinite(inputs.losses)
+        return Proposal(weights, valid, objective, {**state, "log_vars": new_log_vars})

@@ -118,7 +118,7 @@ class StepCapture:
             e: (call, base) for call in plan.calls for e, base in call.sink_edges()
         } if plan.outputs_sink else {}
         self._stops_left: set[Any] = set()
-        self.scale = torch.ones((), dtype=values.dtype, device=values.device)  # set by the backward
+        self.scale: Tensor = values  # the backward's scale c (0-dim): set when the backward starts
 
     # ------------------------------------------------------------------ hooks
     def install(self, combined: Tensor) -> None:
@@ -153,7 +153,8 @@ class StepCapture:
             return
         self.started = True
         acc = self._accumulator()
-        self.scale = grad.detach().reshape(()).to(acc.loss_sum.dtype)
+        scale = grad.detach()
+        self.scale = (scale if scale.dim() == 0 else scale.reshape(())).to(acc.loss_sum.dtype)
         acc.add_losses(self.values, self.present, self.scale)
         acc.routes.append(self.plan.route)
         route = self.plan.route
@@ -264,7 +265,9 @@ class StepCapture:
                 self._busy = False
             assert diag is not None
             nxt, nr = next((n, r) for n, r in elementwise.next_functions if n is not None)
-            self._waiting(GradientEdge(nxt, nr)).add_block(block * diag)
+            # (a block stacked here is ours: multiplied in place)
+            product = block.mul_(diag) if pending[moving[0][0]].block is None else block * diag
+            self._waiting(GradientEdge(nxt, nr)).add_block(product)
             return
         targets: list[GradientEdge] | list[nn.Parameter]
         targets = list(self._sink_edges) if self.plan.outputs_sink else list(self.plan.params)

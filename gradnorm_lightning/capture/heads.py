@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from gradnorm_lightning._compat import node_sequence_nr
+from gradnorm_lightning._compat import accumulate_grad_type, node_sequence_nr
 
 __all__ = ["ELEMENTWISE_NODES", "Frontier", "OverBudget", "Unreached", "walk_heads"]
 
@@ -97,6 +97,7 @@ def walk_heads(losses: Sequence[Tensor | None], stops: set[Any], budget: int = 4
     usable = bool(seqs) and all(q is not None and q < 2**63 for q in seqs)
     min_seq = min(q for q in seqs if q is not None) if usable else -1
     reach: dict[Any, bool] = dict.fromkeys(stops, True)
+    leaf = accumulate_grad_type()
     children: dict[Any, list[tuple[int, Any, int]]] = {}  # relevant node -> its relevant (k, child, nr)
     order: list[Any] = []  # relevant non-stop nodes, children before parents
     expanded = 0
@@ -118,8 +119,8 @@ def walk_heads(losses: Sequence[Tensor | None], stops: set[Any], budget: int = 4
             while j < len(nexts):
                 child = nexts[j][0]
                 j += 1
-                if child is None or child in reach:
-                    continue
+                if child is None or child in reach or type(child) is leaf:
+                    continue  # (a parameter's accumulator that is not a stop reaches nothing)
                 if min_seq >= 0 and child._sequence_nr() < min_seq:
                     reach[child] = False  # older than the layer's outputs: cannot reach them
                     continue

@@ -32,6 +32,7 @@ is ``(T, P)`` over ``call.params`` in order, each parameter flattened. The rows 
 in ``grads`` may be NaN: a rule must keep the tasks apart (the caller masks them afterwards)."""
 
 _RULES: dict[type[nn.Module], tuple[str, NormRule]] = {}
+_FOUND: dict[type, tuple[str, NormRule] | None] = {}  # lookups by layer type (cleared on registration)
 
 
 def register_norm_rule(*layer_types: type[nn.Module], name: str | None = None) -> Callable[[NormRule], NormRule]:
@@ -56,6 +57,7 @@ def register_norm_rule(*layer_types: type[nn.Module], name: str | None = None) -
     def decorate(rule: NormRule) -> NormRule:
         for layer_type in layer_types:
             _RULES[layer_type] = (name or str(getattr(rule, "__name__", "rule")), rule)
+        _FOUND.clear()
         return rule
 
     return decorate
@@ -63,10 +65,10 @@ def register_norm_rule(*layer_types: type[nn.Module], name: str | None = None) -
 
 def find_norm_rule(layer: nn.Module) -> tuple[str, NormRule] | None:
     """The rule registered for the most derived class of ``layer``, if any."""
-    for cls in type(layer).__mro__:
-        if cls in _RULES:
-            return _RULES[cls]
-    return None
+    kind = type(layer)
+    if kind not in _FOUND:
+        _FOUND[kind] = next((_RULES[cls] for cls in kind.__mro__ if cls in _RULES), None)
+    return _FOUND[kind]
 
 
 def _trained(call: LayerCall, allowed: set[str]) -> set[str] | None:

@@ -11,8 +11,10 @@ any norm is taken. They come in one of two forms:
 * a dense ``(T, P)`` tensor of per-task gradients over the layer's trainable parameters, in
   the order of ``named_parameters()``.
 
-Norms are computed overflow-safe: every block is divided by its largest entry before squaring,
-so a finite gradient never yields an infinite norm in float32.
+Norms are computed overflow-safe: a Linear layer's factors are scaled by powers of two to at
+most 1 before any product, a dense block's norm is retaken at a scale of ``2**-64`` where it
+overflowed, so a finite gradient never yields an infinite norm in float32 (unless the norm
+itself is beyond float32's range).
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from torch import Tensor
 __all__ = ["Accumulator", "Factored", "safe_norms"]
 
 
-def _peak(x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """``max |x|`` over ``dims``, never zero (so that dividing by it is safe)."""
-    # (abs then amax: many times faster on CPU than vector_norm(ord=inf))
-    return x.abs().amax(dim=dims).clamp_min(torch.finfo(x.dtype).tiny)
-
-
 #: an exact power-of-two scale: entries up to the float32 maximum square to at most it
 _DOWN = 2.0**-64
+
+
+def _pow2_scale(peak: Tensor) -> Tensor:
+    """``2**-e`` with ``e`` the binary exponent of ``peak`` (clamped to +-100): ``peak * 2**-e`` is
+    in ``[0.5, 1)``, and multiplying by a power of two is exact."""
+    exponent = torch.frexp(peak)[1].clamp_(-100, 100)
+    return torch.ldexp(torch.ones_like(peak), -exponent)
 
 
 def _norms(x: Tensor, dims: int | tuple[int, ...]) -> Tensor:
@@ -110,28 +113,35 @@ class Factored:
         num_tasks, n, d_out = grads.shape
         rows = self.rows
         d_in = rows.shape[1] + int(self.bias)
+        # Overflow: every task's gradients and the rows are first scaled by powers of two (exact)
+        # to at most 1 (the rows' scale at most 1 too, for the bias's column of ones), so no
+        # product or sum of squares can overflow; the norms are scaled back at the end.
+        exact = grads.dtype == torch.float64
+        if not exact:
+            g_scale = _pow2_scale(grads.abs().amax(dim=(1, 2)))
+            h_scale = _pow2_scale(rows.abs().amax().clamp_min(1.0))
+            rows = rows * h_scale
         # ghost: N^2 (d_in + T d_out) multiply-adds; direct: T N d_in d_out, plus the T d_in d_out
         # products it writes and reads back (weighed as 8 multiply-adds each: memory traffic)
         if n * n * (d_in + num_tasks * d_out) >= num_tasks * d_in * d_out * (n + 8):
             if self.bias:
-                rows = torch.cat([rows, rows.new_ones(n, 1)], dim=1)
+                rows = torch.cat([rows, rows.new_ones(n, 1) if exact else h_scale.expand(n, 1)], dim=1)
             # all tasks in one GEMM, (T d_out, N) @ (N, d_in): each task's block contiguous
-            full = grads.transpose(0, 1).reshape(n, num_tasks * d_out).T @ rows
-            return _norms(full.view(num_tasks, -1), 1)
-        # the Gram matrices square the entries: scale them to at most 1 first (the bias's
-        # column of ones adds 1 to every entry of H H^T)
-        g_peak = _peak(grads, (1, 2))
-        h_peak = _peak(rows, (0, 1))
-        if self.bias:
-            h_peak = h_peak.clamp_min(1.0)
-        grads = grads / g_peak[:, None, None]
-        rows = rows / h_peak
-        gram_h = rows @ rows.T
-        if self.bias:
-            gram_h = gram_h + h_peak.reciprocal().square()
-        gram_g = torch.bmm(grads, grads.transpose(1, 2))
-        sq = (gram_g * gram_h).sum(dim=(1, 2)).clamp_min(0)
-        return sq.sqrt() * g_peak * h_peak
+            # (batch-major storage (N, T, d_out) makes the left operand a free reshape)
+            batch_major = grads.transpose(0, 1)
+            if not exact:
+                batch_major = batch_major * g_scale[:, None]
+            full = batch_major.reshape(n, num_tasks * d_out).T @ rows
+            norms = torch.linalg.vector_norm(full.view(num_tasks, -1), dim=1)
+        else:
+            if not exact:
+                grads = grads * g_scale[:, None, None]
+            gram_h = rows @ rows.T
+            if self.bias:
+                gram_h = gram_h + (1.0 if exact else h_scale.square())
+            gram_g = torch.bmm(grads, grads.transpose(1, 2))
+            norms = (gram_g * gram_h).sum(dim=(1, 2)).clamp_min(0).sqrt()
+        return norms if exact else norms / g_scale / h_scale
 
     @staticmethod
     def cat(blocks: list[Factored]) -> Factored:

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from gradnorm_lightning import _arrays
 from gradnorm_lightning._checks import _check_shared_layer
 from gradnorm_lightning._compat import scaler_state, should_update_logs
 from gradnorm_lightning.balancers import (
@@ -165,11 +166,15 @@ class WeightingCallback(Callback):
         balancer.step(grad_scale=grad_scale, found_inf=found_inf)
         if self.sanitize_grads:
             found = zero_nonfinite_grads_(pl_module.parameters())
-            diverged = found.to(balancer.device) & balancer.last_stats["present"].all()
-            if found_inf is not None:
-                diverged = diverged & (found_inf.to(diverged.device) == 0)
-            count = self._nonfinite_steps if self._nonfinite_steps is not None else torch.zeros((), device=diverged.device)
-            self._nonfinite_steps = count.to(diverged.device) + diverged
+            count = self._nonfinite_steps
+            if count is None:
+                count = self._nonfinite_steps = torch.zeros((), device=balancer.device)
+            # on the CPU the flag is read for free: a clean step (the usual one) counts nothing
+            if not (_arrays.host_reads_free(found.device) and not bool(found)):
+                diverged = found.to(balancer.device) & balancer.last_stats["present"].all()
+                if found_inf is not None:
+                    diverged = diverged & (found_inf.to(diverged.device) == 0)
+                self._nonfinite_steps = count.to(diverged.device) + diverged
         if self.log and should_update_logs(trainer):
             pl_module.log_dict(self.metrics(balancer), on_step=True, on_epoch=False)
             self._warn(trainer, balancer)

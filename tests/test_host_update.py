@@ -1,0 +1,144 @@
+"""The CPU update on NumPy views equals the device (torch) update, state for state.
+
+On the CPU the built-in strategies run their ``(T,)`` update on NumPy views of the state (the
+device is the host there, and NumPy's small-array calls cost a fraction of torch's). The math
+is written once, against :mod:`gradnorm_lightning._arrays`; these tests drive both paths with
+the same generated statistics (scales from 1e-6 to 1e6, absent tasks, a step without any task,
+non-finite norms, skipped GradScaler steps) and compare every state tensor and every logged
+statistic after every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+from gradnorm_lightning import (
+    Balancer,
+    DynamicWeightAverage,
+    EqualWeighting,
+    GradNorm,
+    UncertaintyWeighting,
+)
+from gradnorm_lightning.capture.recorder import Statistics
+
+T = 5
+
+
+class ScriptedRecorder:
+    """Hands the balancer a fixed sequence of statistics (no model, no backward)."""
+
+    mode = "auto"
+
+    def __init__(self, stats: list[Statistics]) -> None:
+        self.stats = list(stats)
+
+    def collect(self, grad_scale: Any = None) -> Statistics | None:
+        return self.stats.pop(0) if self.stats else None
+
+    def attach(self) -> None:
+        pass
+
+    def detach(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+def _script(seed: int, dtype: torch.dtype, steps: int = 25) -> tuple[list[Statistics], list[torch.Tensor | None]]:
+    gen = torch.Generator().manual_seed(seed)
+    scales = 10.0 ** (torch.rand(T, generator=gen, dtype=torch.float64) * 12 - 6)
+    stats, found = [], []
+    for step in range(steps):
+        present = torch.rand(T, generator=gen) > 0.25
+        if step == 7:
+            present[:] = False  # a batch without any task
+        norms = (torch.rand(T, generator=gen, dtype=torch.float64) + 0.1) * scales
+        if step == 11:
+            norms[int(torch.randint(T, (1,), generator=gen))] = float("nan")
+        losses = (torch.rand(T, generator=gen, dtype=torch.float64) + 0.05) * scales.sqrt()
+        losses = torch.where(present, losses, 0.0)
+        stats.append(Statistics(norms.to(dtype), losses.to(dtype), present, "heads"))
+        found.append(torch.tensor(1.0 if step == 5 else 0.0) if step % 2 else None)
+    return stats, found
+
+
+STRATEGIES = [
+    ("gradnorm-sgd", lambda layer, rec: GradNorm(layer, num_tasks=T, optimizer="sgd", lr=0.05, recorder=rec)),
+    ("gradnorm-adam", lambda layer, rec: GradNorm(layer, num_tasks=T, recorder=rec)),
+    ("gradnorm-log-decay", lambda layer, rec: GradNorm(
+        layer, num_tasks=T, weight_space="log", lr=0.1, lr_decay_rate=0.5, lr_decay_steps=4,
+        lr_staircase=True, recorder=rec)),
+    ("gradnorm-fixed-L0", lambda layer, rec: GradNorm(
+        layer, num_tasks=T, alpha=0.0, initial_losses={"task1": 0.7, "task3": 2.0}, initial_loss_steps=3,
+        recorder=rec)),
+    ("equal", lambda layer, rec: EqualWeighting(layer, num_tasks=T, recorder=rec)),
+    ("uncertainty", lambda layer, rec: UncertaintyWeighting(layer, num_tasks=T, recorder=rec)),
+]
+
+
+def _run(make: Any, dtype: torch.dtype, seed: int, host: bool) -> list[dict[str, Any]]:
+    stats, found = _script(seed, dtype)
+    balancer = make(nn.Linear(2, 2).to(dtype), ScriptedRecorder(stats))  # its dtype is the layer's
+    assert balancer.dtype == dtype
+    trace = []
+    with mock.patch.object(Balancer, "updates_on_host", (lambda self: True) if host else (lambda self: False)):
+        for f in found:
+            balancer.step(found_inf=f)
+            record = {name: getattr(balancer, name).clone() for name in balancer._state_names}
+            record.update({f"stats/{k}": v for k, v in balancer.last_stats.items() if k != "route"})
+            trace.append(record)
+    return trace
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("name", [name for name, _ in STRATEGIES])
+def test_host_update_equals_the_device_update(name: str, seed: int, dtype: torch.dtype) -> None:
+    make = dict(STRATEGIES)[name]
+    host, device = _run(make, dtype, seed, True), _run(make, dtype, seed, False)
+    rtol, atol = (2e-5, 1e-7) if dtype == torch.float32 else (1e-12, 1e-15)
+    applied = 0
+    for step, (h, d) in enumerate(zip(host, device)):
+        assert h.keys() == d.keys()
+        applied += int(d["stats/applied"])
+        for key in h:
+            assert h[key].dtype == d[key].dtype and h[key].shape == d[key].shape, (name, step, key)
+            torch.testing.assert_close(h[key], d[key], rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m, k=key, s=step: f"{name} step {s} {k}: {m}")
+    assert 10 <= applied < len(host)  # the script applies most updates and skips some
+
+
+def test_cpu_balancers_update_on_the_host_and_others_on_the_device() -> None:
+    assert GradNorm(nn.Linear(2, 2), num_tasks=2).updates_on_host()
+    assert EqualWeighting(nn.Linear(2, 2), num_tasks=2).updates_on_host()
+    # a strategy that does not declare it (as a user's own) keeps the torch path
+    assert not DynamicWeightAverage(nn.Linear(2, 2), num_tasks=2).updates_on_host()
+
+    class Custom(Balancer):
+        def propose(self, inputs):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+    assert not Custom(nn.Linear(2, 2), num_tasks=2).updates_on_host()
+
+
+def test_host_update_keeps_tensors_dtypes_and_the_model_loss_graph() -> None:
+    """After host steps the state is still tensors of the balancer's dtype, and ``combine`` works."""
+    for dtype in (torch.float32, torch.float64):
+        layer = nn.Linear(3, 3).to(dtype)
+        gn = GradNorm(layer, num_tasks=2)
+        for _ in range(3):
+            z = layer(torch.randn(4, 3, dtype=dtype))
+            gn.combine([z[:, 0].pow(2).mean(), z[:, 1].pow(2).mean()]).backward()
+            gn.step()
+        for name in gn._state_names:
+            value = getattr(gn, name)
+            assert isinstance(value, torch.Tensor) and value.dtype == dtype, (name, value)
+        assert gn.last_stats["applied"].dtype == torch.bool
+        assert gn.last_stats["present"].dtype == torch.bool
+        assert torch.isclose(gn.weights.sum(), torch.tensor(2.0, dtype=dtype))
