@@ -1,30 +1,31 @@
-"""The few array operations the weight update uses, for torch tensors and for NumPy arrays.
+"""The few array operations the weight update uses, for torch tensors and for Python vectors.
 
 The update of ``T`` task weights is a few dozen operations on ``(T,)`` vectors. On a GPU they
-run as tensors on the device (no host synchronisation); on the CPU, where the device *is* the
-host, the balancer runs the very same code on NumPy views of the same memory, whose per-call
-overhead is several times smaller than torch's. The math is written once, against
-:func:`array_ops`; everything it needs beyond the operators (``+ - * / ** ~ & | < >``, ``abs``,
-``.sum()``, ``.any()``, ``.all()``) is here.
+run as tensors on the device (no host synchronisation). On the CPU, where the device *is* the
+host, the balancer runs the very same code on :class:`Vec` (Python numbers): each small torch
+call costs microseconds of dispatch, and many more right after a large product has flushed the
+caches, while ``T`` Python multiplications cost well under one. The math is written once,
+against :func:`array_ops`; everything it needs beyond the operators (``+ - * / ** ~ & | < >``,
+``abs``, ``.sum()``, ``.any()``, ``.all()``) is here.
 
 Example::
 
-    >>> import numpy as np
     >>> array_ops(torch.ones(2)).clamp_min(torch.tensor([0.5, 2.0]), 1.0)
     tensor([1., 2.])
-    >>> array_ops(np.ones(2)).clamp_min(np.array([0.5, 2.0]), 1.0)
-    array([1., 2.])
+    >>> python_ops(torch.float32).clamp_min(Vec([0.5, 2.0]), 1.0)
+    Vec([1.0, 2.0])
 """
 
 from __future__ import annotations
 
+import array
+import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NUMPY", "TORCH", "ArrayOps", "array_ops", "from_host", "host_reads_free", "to_host"]
+__all__ = ["TORCH", "ArrayOps", "PythonOps", "Vec", "array_ops", "host_reads_free", "python_ops"]
 
 
 class ArrayOps:
@@ -34,8 +35,22 @@ class ArrayOps:
 
     @staticmethod
     def view(t: Tensor) -> Any:
-        """A state tensor as this kind of array (the tensor itself; for NumPy, a view of its memory)."""
+        """A state tensor as this kind of array (for torch, the tensor itself)."""
         return t
+
+    @staticmethod
+    def tensor(x: Any) -> Tensor:
+        """A result of this kind as a state tensor (for torch, ``x`` itself)."""
+        return x
+
+    def tensors(self, values: dict[str, Any]) -> dict[str, Tensor]:
+        """Several results as tensors, by name (for torch, the values themselves)."""
+        return dict(values)
+
+    @staticmethod
+    def is_zero(t: Tensor) -> Any:
+        """Whether every entry of the tensor ``t`` is 0, as a 0-dim boolean of this kind."""
+        return (t == 0).all()
 
     @staticmethod
     def where(cond: Any, a: Any, b: Any) -> Any:
@@ -90,84 +105,250 @@ class ArrayOps:
         """How many entries of ``mask`` are set, in ``like``'s dtype (0-dim)."""
         return mask.sum().to(like.dtype)
 
-    @staticmethod
-    def tiny(x: Any) -> float:
-        return torch.finfo(x.dtype).tiny
+    def tiny(self, x: Any) -> float:
+        return float(torch.finfo(x.dtype).tiny)
 
 
-class _NumpyOps(ArrayOps):
-    """The same operations on NumPy arrays (the CPU path); ``sign(nan)`` is 0 as in torch."""
+class Vec:
+    """A ``(T,)`` vector of Python numbers with elementwise operators: the host path's array.
 
-    name = "numpy"
+    Python floats are IEEE doubles, so on well-defined inputs the host update is the device
+    update to rounding; where Python would raise instead of giving ``inf`` or ``NaN`` (a
+    division by zero, ``log(0)``, a negative number to a fractional power), the operation
+    raises :class:`ArithmeticError` or :class:`ValueError` and the balancer redoes the step on
+    the device path.
+    """
+
+    __slots__ = ("v",)
+
+    def __init__(self, values: list[Any]) -> None:
+        self.v = values
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self.v),)
+
+    def __len__(self) -> int:
+        return len(self.v)
+
+    def __repr__(self) -> str:
+        return f"Vec({self.v!r})"
+
+    # arithmetic (vector with vector or with a number, either side)
+    def __add__(self, o: Any) -> Vec:
+        return Vec([a + b for a, b in zip(self.v, o.v)]) if isinstance(o, Vec) else Vec([a + o for a in self.v])
+
+    __radd__ = __add__
+
+    def __sub__(self, o: Any) -> Vec:
+        return Vec([a - b for a, b in zip(self.v, o.v)]) if isinstance(o, Vec) else Vec([a - o for a in self.v])
+
+    def __rsub__(self, o: Any) -> Vec:
+        return Vec([o - a for a in self.v])
+
+    def __mul__(self, o: Any) -> Vec:
+        return Vec([a * b for a, b in zip(self.v, o.v)]) if isinstance(o, Vec) else Vec([a * o for a in self.v])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, o: Any) -> Vec:
+        if isinstance(o, Vec):
+            if 0 in o.v:
+                return Vec([_div(a, b) for a, b in zip(self.v, o.v)])
+            return Vec([a / b for a, b in zip(self.v, o.v)])
+        return Vec([_div(a, o) for a in self.v]) if o == 0 else Vec([a / o for a in self.v])
+
+    def __rtruediv__(self, o: Any) -> Vec:
+        return Vec([_div(o, a) for a in self.v]) if 0 in self.v else Vec([o / a for a in self.v])
+
+    def __pow__(self, o: Any) -> Vec:
+        return Vec([math.pow(a, b) for a, b in zip(self.v, o.v)]) if isinstance(o, Vec) else Vec(
+            [math.pow(a, o) for a in self.v])
+
+    def __rpow__(self, o: Any) -> Vec:
+        return Vec([math.pow(o, a) for a in self.v])
+
+    def __neg__(self) -> Vec:
+        return Vec([-a for a in self.v])
+
+    def __abs__(self) -> Vec:
+        return Vec([abs(a) for a in self.v])
+
+    # comparisons and logic
+    def __lt__(self, o: Any) -> Vec:
+        return Vec([a < b for a, b in zip(self.v, o.v)]) if isinstance(o, Vec) else Vec([a < o for a in self.v])
+
+    def __gt__(self, o: Any) -> Vec:
+        return Vec([a > b for a, b in zip(self.v, o.v)]) if isinstance(o, Vec) else Vec([a > o for a in self.v])
+
+    def __eq__(self, o: Any) -> Vec:  # type: ignore[override]
+        return Vec([a == b for a, b in zip(self.v, o.v)]) if isinstance(o, Vec) else Vec([a == o for a in self.v])
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __and__(self, o: Any) -> Vec:
+        return Vec([a and b for a, b in zip(self.v, o.v)]) if isinstance(o, Vec) else Vec([a and o for a in self.v])
+
+    __rand__ = __and__
+
+    def __or__(self, o: Any) -> Vec:
+        return Vec([a or b for a, b in zip(self.v, o.v)]) if isinstance(o, Vec) else Vec([a or o for a in self.v])
+
+    __ror__ = __or__
+
+    def __invert__(self) -> Vec:
+        return Vec([not a for a in self.v])
+
+    # reductions
+    def sum(self) -> Any:
+        return sum(self.v)
+
+    def any(self) -> bool:
+        return any(self.v)
+
+    def all(self) -> bool:
+        return all(self.v)
+
+
+def _div(a: float, b: float) -> float:
+    """``a / b`` as IEEE arithmetic gives it (``inf`` or ``NaN`` for a zero divisor)."""
+    if b != 0:
+        return a / b
+    if a == 0 or a != a:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def _map(f: Any, x: Any) -> Any:
+    return Vec([f(a) for a in x.v]) if isinstance(x, Vec) else f(x)
+
+
+def _sign(a: float) -> float:
+    return 1.0 if a > 0 else (-1.0 if a < 0 else 0.0)  # (0 for NaN, as torch.sign)
+
+
+class PythonOps(ArrayOps):
+    """The same operations on :class:`Vec` and Python numbers (the host path), for ``dtype``.
+
+    Args:
+        dtype: the balancer's dtype (its ``tiny``; the tensors made from the results).
+    """
+
+    name = "python"
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
 
     @staticmethod
     def view(t: Tensor) -> Any:
-        return t.numpy()
+        values = t.tolist()
+        return Vec(values) if isinstance(values, list) else values
+
+    def tensors(self, values: dict[str, Any]) -> dict[str, Tensor]:
+        """Tensors of the balancer's dtype for numeric results (vectors or numbers), by name:
+        views of one tensor made in one call (a small tensor costs microseconds to make)."""
+        flat: list[Any] = []
+        spans = []
+        for value in values.values():
+            if isinstance(value, Vec):
+                spans.append((len(flat), len(value.v), True))
+                flat.extend(value.v)
+            else:
+                spans.append((len(flat), 1, False))
+                flat.append(value)
+        # (from a C array: several times cheaper than torch.tensor on a list)
+        code = _ARRAY_CODES.get(self.dtype)
+        whole = torch.frombuffer(array.array(code, flat), dtype=self.dtype) if code else torch.tensor(flat, dtype=self.dtype)
+        return {
+            name: whole[start : start + size] if vector else whole[start]
+            for name, (start, size, vector) in zip(values, spans)
+        }
+
+    @staticmethod
+    def is_zero(t: Tensor) -> Any:
+        values = t.tolist()
+        return all(v == 0 for v in values) if isinstance(values, list) else values == 0
+
+    def tensor(self, x: Any) -> Tensor:  # type: ignore[override]
+        """A tensor of the balancer's dtype (booleans stay booleans) holding ``x``."""
+        values = x.v if isinstance(x, Vec) else x
+        probe = values[0] if isinstance(values, list) and values else values
+        return torch.tensor(values, dtype=torch.bool if isinstance(probe, bool) else self.dtype)
 
     @staticmethod
     def where(cond: Any, a: Any, b: Any) -> Any:
-        return np.where(cond, a, b)
+        if not isinstance(cond, Vec):
+            return a if cond else b
+        av, bv = isinstance(a, Vec), isinstance(b, Vec)
+        return Vec([(a.v[i] if av else a) if m else (b.v[i] if bv else b) for i, m in enumerate(cond.v)])
 
     @staticmethod
     def sign(x: Any) -> Any:
-        return np.sign(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0))
+        return _map(_sign, x)
 
     @staticmethod
     def exp(x: Any) -> Any:
-        return np.exp(x)
+        return _map(math.exp, x)
 
     @staticmethod
     def log(x: Any) -> Any:
-        return np.log(x)
+        return _map(math.log, x)
 
     @staticmethod
     def sqrt(x: Any) -> Any:
-        return np.sqrt(x)
+        return _map(math.sqrt, x)
 
     @staticmethod
     def floor(x: Any) -> Any:
-        return np.floor(x)
+        return _map(lambda a: float(math.floor(a)), x)
 
     @staticmethod
     def isfinite(x: Any) -> Any:
-        return np.isfinite(x)
+        return _map(math.isfinite, x)
 
     @staticmethod
     def clamp_min(x: Any, low: float) -> Any:
-        return np.maximum(x, np.asarray(low, dtype=np.result_type(x)))
+        return _map(lambda a: a if a >= low or a != a else low, x)
 
     @staticmethod
     def amax(x: Any) -> Any:
-        return np.max(x)
+        return math.nan if any(a != a for a in x.v) else max(x.v)
 
     @staticmethod
     def zeros_like(x: Any) -> Any:
-        return np.zeros_like(x)
+        return Vec([0.0] * len(x.v))
 
     @staticmethod
     def ones_like(x: Any) -> Any:
-        return np.ones_like(x)
+        return Vec([1.0] * len(x.v))
 
     @staticmethod
     def true_like(x: Any) -> Any:
-        return np.ones_like(x, dtype=bool)
+        return Vec([True] * len(x.v))
 
     @staticmethod
     def count(mask: Any, like: Any) -> Any:
-        return np.asarray(mask.sum(), dtype=np.result_type(like))
+        return float(sum(mask.v))
 
-    @staticmethod
-    def tiny(x: Any) -> float:
-        return float(np.finfo(np.result_type(x)).tiny)
+    def tiny(self, x: Any) -> float:
+        return float(torch.finfo(self.dtype).tiny)
 
 
+_ARRAY_CODES = {torch.float32: "f", torch.float64: "d"}
 TORCH = ArrayOps()
-NUMPY = _NumpyOps()
+_PYTHON = {torch.float32: PythonOps(torch.float32), torch.float64: PythonOps(torch.float64)}
+
+
+def python_ops(dtype: torch.dtype) -> PythonOps:
+    """The host path's operations for a balancer of ``dtype``."""
+    return _PYTHON[dtype] if dtype in _PYTHON else PythonOps(dtype)
 
 
 def array_ops(x: Any) -> ArrayOps:
-    """The operations for ``x``'s kind of array (NumPy for NumPy arrays, else torch)."""
-    return NUMPY if isinstance(x, (np.ndarray, np.generic)) else TORCH
+    """The operations for ``x``'s kind of array: torch for tensors, else the host path's."""
+    if isinstance(x, Tensor):
+        return TORCH
+    return _PYTHON[torch.float64]
 
 
 def host_reads_free(device: torch.device) -> bool:
@@ -176,15 +357,3 @@ def host_reads_free(device: torch.device) -> bool:
     return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def to_host(t: Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor that does not require grad (no copy)."""
-    return t.numpy()
-
-
-def from_host(a: Any, dtype: torch.dtype) -> Tensor:
-    """A tensor holding the NumPy array (or scalar) ``a``, floating point as ``dtype`` (no copy
-    when the dtype matches; booleans stay booleans)."""
-    if not isinstance(a, np.ndarray) or not a.flags.writeable:
-        a = np.array(a)
-    t = torch.from_numpy(a)
-    return t.to(dtype) if t.dtype is not dtype and t.is_floating_point() else t

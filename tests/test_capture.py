@@ -232,12 +232,20 @@ def test_float32_norms_do_not_overflow_for_finite_gradients() -> None:
         assert bool(gn.last_stats["applied"]), (mode, views)
 
 
+@pytest.mark.parametrize("host", [True, False], ids=["cpu-checked", "device-scaled"])
 @pytest.mark.parametrize("shape", [(3, 40, 5, 4), (3, 4, 30, 20)], ids=["ghost", "direct"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_factored_norms_match_float64_at_extreme_scales(shape: tuple[int, int, int, int], bias: bool) -> None:
+def test_factored_norms_match_float64_at_extreme_scales(
+    shape: tuple[int, int, int, int], bias: bool, host: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The Linear rule's norms (both formulas) against float64 dense norms, tasks ranging from
-    denormal-adjacent to near the float32 maximum (the power-of-two prescaling is exact)."""
-    from gradnorm_lightning.capture.stats import Factored
+    subnormal-adjacent to near the float32 maximum: on the CPU (plain formula, checked on the
+    host, scaled where needed) and as on a device (scaled, no host read)."""
+    from gradnorm_lightning import _arrays
+    from gradnorm_lightning.capture.stats import Factored, safe_norms
+
+    if not host:
+        monkeypatch.setattr(_arrays, "host_reads_free", lambda device: False)
 
     num_tasks, n, d_in, d_out = shape
     gen = torch.Generator().manual_seed(1)
@@ -254,6 +262,8 @@ def test_factored_norms_match_float64_at_extreme_scales(shape: tuple[int, int, i
         assert torch.isfinite(got).all(), (row_scale, got)
         # (atol: a norm below float32's smallest normal number cannot be represented exactly)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=torch.finfo(torch.float32).tiny)
+        dense_got = safe_norms(dense.float())
+        torch.testing.assert_close(dense_got.double(), want, rtol=1e-5, atol=torch.finfo(torch.float32).tiny)
 
 
 # ------------------------------------------------------------------------------ norm rules

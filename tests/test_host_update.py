@@ -82,17 +82,31 @@ STRATEGIES = [
 ]
 
 
-def _run(make: Any, dtype: torch.dtype, seed: int, host: bool) -> list[dict[str, Any]]:
+def _record(balancer: Balancer) -> dict[str, Any]:
+    record = {name: getattr(balancer, name).clone() for name in balancer._state_names}
+    record.update({f"stats/{k}": v for k, v in balancer.last_stats.items() if k != "route"})
+    return record
+
+
+def _lockstep(make: Any, dtype: torch.dtype, seed: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Every step from the same state on both paths: (host record, device record) per step.
+
+    (In float32 the host path computes in Python doubles: over many steps the two trajectories
+    may part where a ``sign(G_i - target_i)`` is a tie to rounding, so each step starts from
+    the device path's state.)
+    """
     stats, found = _script(seed, dtype)
-    balancer = make(nn.Linear(2, 2).to(dtype), ScriptedRecorder(stats))  # its dtype is the layer's
-    assert balancer.dtype == dtype
+    host = make(nn.Linear(2, 2).to(dtype), ScriptedRecorder(stats))  # its dtype is the layer's
+    device = make(nn.Linear(2, 2).to(dtype), ScriptedRecorder(stats))
+    assert host.dtype == device.dtype == dtype
     trace = []
-    with mock.patch.object(Balancer, "updates_on_host", (lambda self: True) if host else (lambda self: False)):
-        for f in found:
-            balancer.step(found_inf=f)
-            record = {name: getattr(balancer, name).clone() for name in balancer._state_names}
-            record.update({f"stats/{k}": v for k, v in balancer.last_stats.items() if k != "route"})
-            trace.append(record)
+    for f in found:
+        host.load_state_dict(device.state_dict())
+        with mock.patch.object(Balancer, "updates_on_host", lambda self: True):
+            host.step(found_inf=f)
+        with mock.patch.object(Balancer, "updates_on_host", lambda self: False):
+            device.step(found_inf=f)
+        trace.append((_record(host), _record(device)))
     return trace
 
 
@@ -101,17 +115,18 @@ def _run(make: Any, dtype: torch.dtype, seed: int, host: bool) -> list[dict[str,
 @pytest.mark.parametrize("name", [name for name, _ in STRATEGIES])
 def test_host_update_equals_the_device_update(name: str, seed: int, dtype: torch.dtype) -> None:
     make = dict(STRATEGIES)[name]
-    host, device = _run(make, dtype, seed, True), _run(make, dtype, seed, False)
-    rtol, atol = (2e-5, 1e-7) if dtype == torch.float32 else (1e-12, 1e-15)
+    # float32: the device rounds every operation to float32, the host only its results
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-12, 1e-15)
     applied = 0
-    for step, (h, d) in enumerate(zip(host, device)):
+    trace = _lockstep(make, dtype, seed)
+    for step, (h, d) in enumerate(trace):
         assert h.keys() == d.keys()
         applied += int(d["stats/applied"])
         for key in h:
             assert h[key].dtype == d[key].dtype and h[key].shape == d[key].shape, (name, step, key)
             torch.testing.assert_close(h[key], d[key], rtol=rtol, atol=atol, equal_nan=True,
                                        msg=lambda m, k=key, s=step: f"{name} step {s} {k}: {m}")
-    assert 10 <= applied < len(host)  # the script applies most updates and skips some
+    assert 10 <= applied < len(trace)  # the script applies most updates and skips some
 
 
 def test_cpu_balancers_update_on_the_host_and_others_on_the_device() -> None:
@@ -142,3 +157,26 @@ def test_host_update_keeps_tensors_dtypes_and_the_model_loss_graph() -> None:
         assert gn.last_stats["applied"].dtype == torch.bool
         assert gn.last_stats["present"].dtype == torch.bool
         assert torch.isclose(gn.weights.sum(), torch.tensor(2.0, dtype=dtype))
+
+
+@pytest.mark.parametrize("name", [name for name, _ in STRATEGIES])
+def test_the_host_path_runs_on_ordinary_steps(name: str) -> None:
+    """Only a step where Python arithmetic would raise (here: the step without any task, whose
+    renormalisation divides by zero) is redone on the device path."""
+    from gradnorm_lightning._arrays import TORCH
+
+    kinds: list[bool] = []
+    original = Balancer._update
+
+    def spy(self: Balancer, stats: Statistics, found: Any, xp: Any) -> None:
+        kinds.append(xp is TORCH)
+        original(self, stats, found, xp)
+
+    stats, found = _script(0, torch.float32)
+    balancer = dict(STRATEGIES)[name](nn.Linear(2, 2), ScriptedRecorder(stats))
+    with mock.patch.object(Balancer, "_update", spy):
+        for f in found:
+            balancer.step(found_inf=f)
+    fallbacks = sum(kinds)
+    assert len(kinds) - fallbacks == len(found)  # one host attempt per step
+    assert fallbacks <= 1, kinds

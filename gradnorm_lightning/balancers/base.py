@@ -15,13 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from gradnorm_lightning import _arrays
 from gradnorm_lightning import functional as F
-from gradnorm_lightning._arrays import NUMPY, TORCH, ArrayOps, from_host, to_host
+from gradnorm_lightning._arrays import TORCH, ArrayOps
 from gradnorm_lightning._checks import (
     DISTRIBUTED_MODES,
     MODES,
@@ -77,9 +76,9 @@ class Balancer(TaskState):
     needs_norms: ClassVar[bool] = True
     #: the log key of the strategy's objective (``None``: it has none)
     objective_key: ClassVar[str | None] = None
-    #: whether :meth:`propose` also takes NumPy arrays (``inputs.ops`` names the kind): then,
-    #: on the CPU, the update runs on NumPy views of the state, several times cheaper per
-    #: operation than torch's small-tensor calls
+    #: whether :meth:`propose` also takes the host path's Python vectors (``inputs.ops`` names
+    #: the kind): then, on the CPU, the update runs in Python numbers, several times cheaper
+    #: than torch's small-tensor calls
     host_update: ClassVar[bool] = False
     #: option name -> checker returning the normalised value (each class adds its own)
     _option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
@@ -282,7 +281,7 @@ class Balancer(TaskState):
 
     # ------------------------------------------------------------------ the update
     def updates_on_host(self) -> bool:
-        """Whether :meth:`step` runs its ``(T,)`` math on NumPy views of the state (the weights
+        """Whether :meth:`step` runs its ``(T,)`` math on the host in Python numbers (the weights
         are on the CPU, the strategy supports it, and nothing is being compiled)."""
         return self.host_update and _arrays.host_reads_free(self.device)
 
@@ -293,7 +292,7 @@ class Balancer(TaskState):
         Call it after the model's backward (after every backward pass of an accumulation
         window), before or after the model's optimizer step. Without a recorded ``combine``
         it does nothing. Runs on the weights' device without reading any value on the host
-        (on the CPU, where the device is the host, on NumPy views of the same memory).
+        (on the CPU, where the device is the host, in Python numbers: see :mod:`gradnorm_lightning._arrays`).
 
         Args:
             grad_scale: the factor the recorded backward passes were scaled by beyond the
@@ -308,16 +307,21 @@ class Balancer(TaskState):
         if stats is None:
             return
         self.steps += 1
-        if not self.updates_on_host():
-            self._update(stats, found_inf, TORCH, lambda t: t, lambda t: t)
-            return
-        dtype = self.dtype
-        with np.errstate(all="ignore"):
-            self._update(stats, found_inf, NUMPY, to_host, lambda a: from_host(a, dtype))
+        if self.updates_on_host():
+            try:
+                self._update(stats, found_inf, _arrays.python_ops(self.dtype))
+                return
+            except (ArithmeticError, ValueError):
+                pass  # Python raised where IEEE arithmetic gives inf or NaN: the device path decides
+        self._update(stats, found_inf, TORCH)
 
-    def _update(self, stats: Statistics, found_inf: Tensor | None, xp: ArrayOps,
-                get: Callable[[Tensor], Any], put: Callable[[Any], Tensor]) -> None:
-        """The update, in ``xp``'s arrays: ``get`` reads a state tensor, ``put`` makes one."""
+    def _update(self, stats: Statistics, found_inf: Tensor | None, xp: ArrayOps) -> None:
+        """The update on ``xp``'s arrays (torch tensors, or Python vectors on the host).
+
+        Everything is computed before any state is written, so a host step that raises leaves
+        the state untouched.
+        """
+        get = xp.view
         present, losses, norms = get(stats.present), get(stats.losses), get(stats.grad_norms)
         count, total = get(self.initial_loss_count), get(self.initial_loss_sum)
         # L(0): measured over the first `initial_loss_steps` present steps, or fixed.
@@ -338,37 +342,49 @@ class Balancer(TaskState):
         absent = ~present
         ok = present.any() & (proposal.valid | absent).all()
         if found_inf is not None:
-            ok = ok & (get(found_inf.to(self.device)) == 0).reshape(())
-        if xp is TORCH:
-            def pick(new: Any, old: Tensor) -> Tensor:
-                return torch.where(ok, new, old)
-        else:  # on the host the decision is a plain branch (nothing to synchronise with)
-            applied = bool(ok)
-
-            def pick(new: Any, old: Tensor) -> Tensor:
-                return put(new) if applied else old
-        self.weights = pick(proposal.weights, self.weights)
-        for name, value in proposal.state.items():
-            setattr(self, name, pick(value, getattr(self, name)))
+            ok = ok & xp.is_zero(found_inf.to(self.device))
+        new_state: dict[str, Any] = {"weights": proposal.weights, **proposal.state}
         if not self._all_fixed:
-            self.initial_loss_sum = pick(init_sum, self.initial_loss_sum)
-            self.initial_loss_count = pick(init_count, self.initial_loss_count)
-        self.num_updates = put(get(self.num_updates) + ok)
-        self.skipped = put(get(self.skipped) + absent)
-        self.skipped_updates = put(get(self.skipped_updates) + ~ok)
-        self.empty_steps = put(get(self.empty_steps) + absent.all())
+            new_state.update(initial_loss_sum=init_sum, initial_loss_count=init_count)
+        logged = {"loss_ratios": ratios, "inverse_rates": rates}
+        if proposal.objective is not None:
+            logged["loss"] = proposal.objective
+        if xp is TORCH:
+            for name, value in new_state.items():
+                setattr(self, name, torch.where(ok, value, getattr(self, name)))
+            self.num_updates = self.num_updates + ok
+            self.skipped = self.skipped + absent
+            self.skipped_updates = self.skipped_updates + ~ok
+            self.empty_steps = self.empty_steps + absent.all()
+            applied = ok
+        else:
+            # on the host the decision is a plain branch, and only what changes is written:
+            # all of it as views of one new tensor
+            changes = new_state if ok else {}
+            if ok:
+                changes["num_updates"] = get(self.num_updates) + 1
+            else:
+                changes["skipped_updates"] = get(self.skipped_updates) + 1
+            if absent.any():
+                changes["skipped"] = get(self.skipped) + absent
+                if absent.all():
+                    changes["empty_steps"] = get(self.empty_steps) + 1
+            made = xp.tensors({**changes, **{f"/{k}": v for k, v in logged.items()}})
+            for name in changes:
+                setattr(self, name, made[name])
+            logged = {k: made[f"/{k}"] for k in logged}
+            applied = torch.tensor(bool(ok))
         self.last_stats = {
             "weights": self.weights,
             "grad_norms": stats.grad_norms,
-            "loss_ratios": put(ratios),
-            "inverse_rates": put(rates),
+            **{k: v for k, v in logged.items() if k != "loss"},
             "skipped": self.skipped,
             "present": stats.present,
-            "applied": put(ok),
+            "applied": applied,
             "route": stats.route,
         }
-        if proposal.objective is not None:
-            self.last_stats["loss"] = put(proposal.objective)
+        if "loss" in logged:
+            self.last_stats["loss"] = logged["loss"]
 
     # ------------------------------------------------------------------ copies
     def __repr__(self) -> str:

@@ -230,7 +230,8 @@ class StepCapture:
             if rows.rows:
                 assert self.plan.views_edge is not None
                 self._pending[self.plan.views_edge] = rows
-                self._flush()
+                while self._pending:  # (across an elementwise node, then into the sink)
+                    self._flush()
                 if self.plan.outputs_sink:
                     self._finalize(list(self._sink_edges))
         finally:
@@ -253,7 +254,7 @@ class StepCapture:
                 moving.append((edge, grads.stacked(self.num_tasks)))
         if not moving:
             return
-        elementwise = self.plan.frontier.elementwise if self.plan.frontier is not None else None
+        elementwise = self.plan.elementwise
         if elementwise is not None and len(moving) == 1 and moving[0][0].node is elementwise:
             # one elementwise function: its VJP is a product with f'(x), the same for all tasks;
             # the result waits at the layer's output edge for that node's pre-hook
@@ -324,7 +325,7 @@ class StepCapture:
             stacked = buffer.stacked(self.num_tasks)
             grads = base.cut(stacked) if base is not None else stacked  # a rebased view: its part of the base's
             if self.plan.representation:
-                acc.add_rep_norms(torch.where(self.present, safe_norms(grads.to(dtype)), 0.0))
+                acc.add_rep_norms(torch.where(self.present, safe_norms(grads.to(dtype), self.present), 0.0))
                 continue
             result = None
             if self.plan.rule is not None and call.inputs_unchanged():

@@ -54,4 +54,4 @@ def reduce_statistics(acc: Accumulator, mode: str) -> tuple[Tensor, Tensor, Tens
     buf = torch.cat([dense.flatten(), acc.loss_sum, acc.loss_weight])
     dist.all_reduce(buf)
     grads = buf[: dense.numel()].reshape(n, -1) / world
-    return safe_norms(grads), buf[-2 * n : -n], buf[-n:]
+    return safe_norms(grads, buf[-n:] > 0), buf[-2 * n : -n], buf[-n:]

@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradnorm_lightning.capture.calls import LayerCall
-from gradnorm_lightning.capture.heads import Frontier, OverBudget, Unreached, walk_heads
+from gradnorm_lightning.capture.heads import (
+    ELEMENTWISE_NODES,
+    Frontier,
+    OverBudget,
+    Unreached,
+    walk_heads,
+)
 from gradnorm_lightning.capture.norms import NormRule, find_norm_rule
 
 __all__ = ["Plan", "RoutePlanner", "unreached_message"]
@@ -35,6 +42,9 @@ class Plan:
         representation: ``mode="representation"``: norms of the output gradients themselves.
         frontier: the heads' walk (``heads`` route).
         views_edge: the edge of the tensor the views alias (``views`` route).
+        elementwise: when the per-task gradients cross exactly one elementwise function to
+            reach the layer's output (e.g. its activation), that function's node: they cross
+            it by one product with its derivative.
     """
 
     route: str
@@ -45,11 +55,21 @@ class Plan:
     representation: bool = False
     frontier: Frontier | None = None
     views_edge: GradientEdge | None = None
+    elementwise: Any | None = None
 
     @property
     def outputs_sink(self) -> bool:
         """Whether per-task gradients are gathered at the layer's outputs (else at its parameters)."""
         return self.representation or self.rule is not None
+
+
+def _elementwise_on(edge: GradientEdge, outputs: set[Any]) -> Any | None:
+    """``edge``'s node when it is an elementwise function of one of the layer's outputs."""
+    node = edge.node
+    if node in outputs or node.name() not in ELEMENTWISE_NODES:
+        return None
+    nexts = [nxt for nxt, _ in node.next_functions if nxt is not None]
+    return node if len(nexts) == 1 and nexts[0] in outputs else None
 
 
 def unreached_message(name: str, layer: nn.Module) -> str:
@@ -102,8 +122,11 @@ class RoutePlanner:
         note = "; the layer's output was written in place after the call (version counter): its gradient is " \
             "taken at the layer's own output node" if inplace else ""
         if views_edge is not None:
-            plan = Plan("views", "per-task gradients from the task views' backward, no extra pass" + note, params,
-                        calls=calls, views_edge=views_edge)
+            elementwise = _elementwise_on(views_edge, {node for c in calls for node in c.nodes})
+            how = "per-task gradients from the task views' backward, no extra pass"
+            if elementwise is not None:
+                how += f", across {elementwise.name()} by one product"
+            plan = Plan("views", how + note, params, calls=calls, views_edge=views_edge, elementwise=elementwise)
         else:
             stops = {node for c in calls for node in c.nodes}
             try:
@@ -132,7 +155,8 @@ class RoutePlanner:
                     how += f", across the shared {frontier.elementwise.name()} by one product"
                 elif frontier.shared_part:
                     how += ", then one batched vector-Jacobian product through the part of the graph tasks share"
-                plan = Plan("heads", how + note, params, calls=reached, frontier=frontier)
+                plan = Plan("heads", how + note, params, calls=reached, frontier=frontier,
+                            elementwise=frontier.elementwise)
         self._choose_sink(plan, len(calls))
         return plan
 

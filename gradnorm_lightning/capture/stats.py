@@ -11,60 +11,76 @@ any norm is taken. They come in one of two forms:
 * a dense ``(T, P)`` tensor of per-task gradients over the layer's trainable parameters, in
   the order of ``named_parameters()``.
 
-Norms are computed overflow-safe: a Linear layer's factors are scaled by powers of two to at
-most 1 before any product, a dense block's norm is retaken at a scale of ``2**-64`` where it
-overflowed, so a finite gradient never yields an infinite norm in float32 (unless the norm
-itself is beyond float32's range).
+Norms are right to rounding for every finite gradient in float32 (no overflow of a sum of
+squares, no loss to subnormal squares): the factors (or rows) are first scaled to at most 1 in
+magnitude. Where reading a value on the host is free (the CPU), the plain formula runs first
+and the scaled one only where the plain result shows it is needed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor
 
+from gradnorm_lightning import _arrays
+
 __all__ = ["Accumulator", "Factored", "safe_norms"]
 
 
-#: an exact power-of-two scale: entries up to the float32 maximum square to at most it
-_DOWN = 2.0**-64
 
 
-def _pow2_scale(peak: Tensor) -> Tensor:
-    """``2**-e`` with ``e`` the binary exponent of ``peak`` (clamped to +-100): ``peak * 2**-e`` is
-    in ``[0.5, 1)``, and multiplying by a power of two is exact."""
-    exponent = torch.frexp(peak)[1].clamp_(-100, 100)
-    return torch.ldexp(torch.ones_like(peak), -exponent)
+def _inverse_peak(x: Tensor, dims: tuple[int, ...] | None = None, floor: float | None = None) -> Tensor:
+    """``1 / max |x|`` over ``dims`` (the largest entry of ``x * scale`` is 1), finite for ``x == 0``."""
+    peak = x.abs().amax(dim=dims) if dims is not None else x.abs().amax()
+    return peak.clamp_min(floor if floor is not None else torch.finfo(x.dtype).tiny).reciprocal()
 
 
-def _norms(x: Tensor, dims: int | tuple[int, ...]) -> Tensor:
-    """2-norms over ``dims``, overflow-safe below float64.
+def _accurate_on_host(norms: Tensor, count: int, present: Tensor | None) -> bool:
+    """Whether plain (unscaled) norms are right to rounding, read on the host: only where that is free.
 
-    The plain norm overflows once the sum of squares passes the dtype's maximum (a float32
-    gradient norm above ~1.8e19); where it did, the norm of ``x * 2**-64`` (exact: a power of
-    two) times ``2**64`` is used instead. (Summing in float64, ``vector_norm(dtype=float64)``,
-    is tens of times slower on CPU.)
+    A plain norm is wrong when a sum of squares overflowed (then it is not finite) or when the
+    squares fell into the subnormal range (then the norm is below ``sqrt(count * tiny / eps)``:
+    what ``count`` subnormal squares can lose is then under one rounding error). Tasks outside
+    ``present`` do not count. On a device where reading a value would synchronise, this is
+    ``False``: the scaled formulas are used there unconditionally.
     """
-    plain = torch.linalg.vector_norm(x, dim=dims)
-    if x.dtype == torch.float64:
-        return plain
-    scaled = torch.linalg.vector_norm(x * _DOWN, dim=dims) / _DOWN
-    return torch.where(torch.isfinite(plain), plain, scaled)
+    if norms.dtype == torch.float64:
+        return True
+    if not _arrays.host_reads_free(norms.device):
+        return False
+    info = torch.finfo(norms.dtype)
+    floor = math.sqrt(max(count, 1) * info.tiny / info.eps)
+    # (in Python on the listed values: right after a large product, a few small tensor
+    # operations cost far more than reading T numbers)
+    values = norms.tolist()
+    mask = present.tolist() if present is not None else [True] * len(values)
+    return all(floor < v < math.inf for v, m in zip(values, mask) if m)
 
 
-def safe_norms(grads: Tensor) -> Tensor:
-    """Row-wise 2-norms of ``grads`` ``(T, ...)``, without overflow for finite entries.
+def safe_norms(grads: Tensor, present: Tensor | None = None) -> Tensor:
+    """Row-wise 2-norms of ``grads`` ``(T, ...)``, right to rounding for every finite input.
+
+    The plain norm is kept where it is right (see :func:`_accurate_on_host`); otherwise every
+    row is first scaled to a largest entry of 1, so that its squares neither overflow nor
+    underflow. Rows outside ``present`` may be anything.
 
     Example::
 
-        >>> safe_norms(torch.tensor([[3e30, 4e30], [0.0, 0.0]]))
-        tensor([5.0000e+30, 0.0000e+00])
+        >>> safe_norms(torch.tensor([[3e30, 4e30], [3e-30, 4e-30]]))
+        tensor([5.0000e+30, 5.0000e-30])
     """
     flat = grads.reshape(grads.shape[0], -1)
     if flat.shape[1] == 0:
         return flat.new_zeros(flat.shape[0])
-    return _norms(flat, 1)
+    if flat.dtype == torch.float64 or _arrays.host_reads_free(flat.device):
+        plain = torch.linalg.vector_norm(flat, dim=1)
+        if _accurate_on_host(plain, flat.shape[1], present):
+            return plain
+    scale = _inverse_peak(flat, (1,))
+    return torch.linalg.vector_norm(flat * scale[:, None], dim=1) / scale
 
 
 @dataclasses.dataclass
@@ -109,39 +125,44 @@ class Factored:
     def _raw_norms(self) -> Tensor:
         grads = self.grads
         if not self.weight:
-            return safe_norms(grads.sum(dim=1))
-        num_tasks, n, d_out = grads.shape
+            return safe_norms(grads.sum(dim=1), self.present)
         rows = self.rows
+        if grads.dtype == torch.float64 or _arrays.host_reads_free(grads.device):
+            plain = self._product_norms(grads, rows, None, None)
+            if _accurate_on_host(plain, rows.shape[1] * grads.shape[2], self.present):
+                return plain
+        # every task's gradients and the rows scaled to at most 1 in magnitude (the rows' scale
+        # at most 1 too, for the bias's column of ones): no product or square can overflow
+        g_scale = _inverse_peak(grads.transpose(0, 1), (0, 2))
+        h_scale = _inverse_peak(rows, floor=1.0)
+        return self._product_norms(grads, rows, g_scale, h_scale) / g_scale / h_scale
+
+    def _product_norms(self, grads: Tensor, rows: Tensor, g_scale: Tensor | None, h_scale: Tensor | None) -> Tensor:
+        """``||(g_scale G_t)^T (h_scale [H, 1])||`` for every task, by the cheaper exact formula."""
+        num_tasks, n, d_out = grads.shape
         d_in = rows.shape[1] + int(self.bias)
-        # Overflow: every task's gradients and the rows are first scaled by powers of two (exact)
-        # to at most 1 (the rows' scale at most 1 too, for the bias's column of ones), so no
-        # product or sum of squares can overflow; the norms are scaled back at the end.
-        exact = grads.dtype == torch.float64
-        if not exact:
-            g_scale = _pow2_scale(grads.abs().amax(dim=(1, 2)))
-            h_scale = _pow2_scale(rows.abs().amax().clamp_min(1.0))
+        bias = rows.new_ones(()) if h_scale is None else h_scale
+        if h_scale is not None:
             rows = rows * h_scale
         # ghost: N^2 (d_in + T d_out) multiply-adds; direct: T N d_in d_out, plus the T d_in d_out
         # products it writes and reads back (weighed as 8 multiply-adds each: memory traffic)
         if n * n * (d_in + num_tasks * d_out) >= num_tasks * d_in * d_out * (n + 8):
             if self.bias:
-                rows = torch.cat([rows, rows.new_ones(n, 1) if exact else h_scale.expand(n, 1)], dim=1)
+                rows = torch.cat([rows, bias.expand(n, 1)], dim=1)
             # all tasks in one GEMM, (T d_out, N) @ (N, d_in): each task's block contiguous
             # (batch-major storage (N, T, d_out) makes the left operand a free reshape)
             batch_major = grads.transpose(0, 1)
-            if not exact:
+            if g_scale is not None:
                 batch_major = batch_major * g_scale[:, None]
             full = batch_major.reshape(n, num_tasks * d_out).T @ rows
-            norms = torch.linalg.vector_norm(full.view(num_tasks, -1), dim=1)
-        else:
-            if not exact:
-                grads = grads * g_scale[:, None, None]
-            gram_h = rows @ rows.T
-            if self.bias:
-                gram_h = gram_h + (1.0 if exact else h_scale.square())
-            gram_g = torch.bmm(grads, grads.transpose(1, 2))
-            norms = (gram_g * gram_h).sum(dim=(1, 2)).clamp_min(0).sqrt()
-        return norms if exact else norms / g_scale / h_scale
+            return torch.linalg.vector_norm(full.view(num_tasks, -1), dim=1)
+        if g_scale is not None:
+            grads = grads * g_scale[:, None, None]
+        gram_h = rows @ rows.T
+        if self.bias:
+            gram_h = gram_h + bias.square()
+        gram_g = torch.bmm(grads, grads.transpose(1, 2))
+        return (gram_g * gram_h).sum(dim=(1, 2)).clamp_min(0).sqrt()
 
     @staticmethod
     def cat(blocks: list[Factored]) -> Factored:
@@ -230,4 +251,4 @@ class Accumulator:
         dense = self.dense_grads()
         if dense is None:
             return torch.full_like(self.loss_sum, float("nan"))
-        return safe_norms(dense)
+        return safe_norms(dense, self.loss_weight > 0)  # (tasks absent from every pass do not count)
