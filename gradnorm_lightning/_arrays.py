@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import array
 import math
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["TORCH", "ArrayOps", "PythonOps", "Vec", "array_ops", "host_reads_free", "python_ops"]
+__all__ = ["TORCH", "ArrayOps", "PythonOps", "Vec", "array_ops", "as_dtype", "host_reads_free", "python_ops"]
 
 
 class ArrayOps:
@@ -33,8 +34,7 @@ class ArrayOps:
 
     name = "torch"
 
-    @staticmethod
-    def view(t: Tensor) -> Any:
+    def view(self, t: Tensor) -> Any:
         """A state tensor as this kind of array (for torch, the tensor itself)."""
         return t
 
@@ -238,31 +238,55 @@ class PythonOps(ArrayOps):
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
+        # the values of the tensors made by `tensors`, rounded to `dtype`, by id: the next
+        # step reads them without a conversion while the tensor is alive and unwritten
+        self._known: dict[int, tuple[Any, int, Any]] = {}
 
-    @staticmethod
-    def view(t: Tensor) -> Any:
+    def view(self, t: Tensor) -> Any:
+        known = self._known.get(id(t))
+        if known is not None and known[0]() is t and t._version == known[1]:
+            return known[2]
         values = t.tolist()
         return Vec(values) if isinstance(values, list) else values
+
+    def _remember(self, t: Tensor, value: Any) -> None:
+        key = id(t)
+        known = self._known
+
+        def forget(_: Any) -> None:
+            known.pop(key, None)
+
+        known[key] = (weakref.ref(t, forget), t._version, value)
 
     def tensors(self, values: dict[str, Any]) -> dict[str, Tensor]:
         """Tensors of the balancer's dtype for numeric results (vectors or numbers), by name:
         views of one tensor made in one call (a small tensor costs microseconds to make)."""
-        flat: list[Any] = []
-        spans = []
-        for value in values.values():
-            if isinstance(value, Vec):
-                spans.append((len(flat), len(value.v), True))
-                flat.extend(value.v)
-            else:
-                spans.append((len(flat), 1, False))
-                flat.append(value)
-        # (from a C array: several times cheaper than torch.tensor on a list)
+        vectors = [(name, v) for name, v in values.items() if isinstance(v, Vec)]
+        numbers = [(name, v) for name, v in values.items() if not isinstance(v, Vec)]
+        flat: list[Any] = [x for _, v in vectors for x in v.v]
+        flat.extend(v for _, v in numbers)
+        # (from a C array: several times cheaper than torch.tensor on a list; read back, it
+        # gives the values rounded to the dtype)
         code = _ARRAY_CODES.get(self.dtype)
-        whole = torch.frombuffer(array.array(code, flat), dtype=self.dtype) if code else torch.tensor(flat, dtype=self.dtype)
-        return {
-            name: whole[start : start + size] if vector else whole[start]
-            for name, (start, size, vector) in zip(values, spans)
-        }
+        if code is None:
+            whole = torch.tensor(flat, dtype=self.dtype)
+            rounded = whole.tolist()
+        else:
+            buffer = array.array(code, flat)
+            whole = torch.frombuffer(buffer, dtype=self.dtype)
+            rounded = buffer.tolist()
+        sizes = [len(v.v) for _, v in vectors]
+        pieces = list(whole.split([*sizes, len(numbers)]))
+        out: dict[str, Tensor] = {}
+        start = 0
+        for (name, _), size, piece in zip(vectors, sizes, pieces):
+            out[name] = piece
+            self._remember(piece, Vec(rounded[start : start + size]))
+            start += size
+        for (name, _), piece, value in zip(numbers, pieces[-1].unbind() if numbers else (), rounded[start:]):
+            out[name] = piece
+            self._remember(piece, value)
+        return out
 
     @staticmethod
     def is_zero(t: Tensor) -> Any:
@@ -349,6 +373,11 @@ def array_ops(x: Any) -> ArrayOps:
     if isinstance(x, Tensor):
         return TORCH
     return _PYTHON[torch.float64]
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (without a dispatched no-op when it already is)."""
+    return t if t.dtype is dtype else t.to(dtype)
 
 
 def host_reads_free(device: torch.device) -> bool:

@@ -51,7 +51,7 @@ def zero_nonfinite_grads_(parameters: Tensor | Iterable[Tensor]) -> Tensor:
         return torch.zeros((), dtype=torch.bool)
     found = any_nonfinite(grads)
     # On the CPU the flag is read for free (the device is the host): a clean step writes nothing.
-    if all(_arrays.host_reads_free(g.device) for g in grads) and not bool(found):
+    if _arrays.host_reads_free(found.device) and all(g.device.type == "cpu" for g in grads) and not bool(found):
         return found
     for g in grads:
         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)

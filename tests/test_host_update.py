@@ -180,3 +180,23 @@ def test_the_host_path_runs_on_ordinary_steps(name: str) -> None:
     fallbacks = sum(kinds)
     assert len(kinds) - fallbacks == len(found)  # one host attempt per step
     assert fallbacks <= 1, kinds
+
+
+def test_host_update_sees_state_written_in_place_or_replaced() -> None:
+    """The host path remembers the values it wrote; an in-place write or a replaced tensor between
+    steps must be read anyway (against the device path fed the same edits)."""
+    stats, found = _script(3, torch.float32)
+    runs = []
+    for host in (True, False):
+        gn = GradNorm(nn.Linear(2, 2), num_tasks=T, recorder=ScriptedRecorder(stats))
+        with mock.patch.object(Balancer, "updates_on_host", (lambda self: True) if host else (lambda self: False)):
+            for step, f in enumerate(found):
+                gn.step(found_inf=f)
+                if step == 3:
+                    gn.exp_avg.mul_(0.5)  # in place
+                    gn.weights[0] += 0.25  # in place, through an index
+                if step == 6:
+                    gn.exp_avg_sq = gn.exp_avg_sq * 2.0  # replaced
+        runs.append({name: getattr(gn, name) for name in gn._state_names})
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-4, atol=1e-6, msg=name)

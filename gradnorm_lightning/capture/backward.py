@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
+from gradnorm_lightning._arrays import as_dtype
 from gradnorm_lightning._compat import apply_node
 from gradnorm_lightning.capture.calls import LayerCall, ViewBase
 from gradnorm_lightning.capture.norms import batched_vjp
@@ -154,7 +155,7 @@ class StepCapture:
         self.started = True
         acc = self._accumulator()
         scale = grad.detach()
-        self.scale = (scale if scale.dim() == 0 else scale.reshape(())).to(acc.loss_sum.dtype)
+        self.scale = as_dtype(scale if scale.dim() == 0 else scale.reshape(()), acc.dtype)
         acc.add_losses(self.values, self.present, self.scale)
         acc.routes.append(self.plan.route)
         route = self.plan.route
@@ -310,13 +311,13 @@ class StepCapture:
     def _dense_buffer(self) -> Tensor:
         """A zeroed ``(T, P)`` block for per-task parameter gradients, in the statistics' dtype."""
         size = sum(p.numel() for p in self.plan.params)
-        return torch.zeros(self.num_tasks, size, dtype=self._accumulator().loss_sum.dtype,
+        return torch.zeros(self.num_tasks, size, dtype=self._accumulator().dtype,
                            device=self.present.device)
 
     def _finalize(self, edges: Sequence[GradientEdge]) -> None:
         """Turn the complete per-task gradients at these output edges into statistics."""
         acc = self._accumulator()
-        dtype = acc.loss_sum.dtype
+        dtype = acc.dtype
         for edge in edges:
             buffer = self._buffers.pop(edge, None)
             if buffer is None:

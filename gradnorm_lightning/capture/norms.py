@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
+from gradnorm_lightning._arrays import as_dtype
 from gradnorm_lightning.capture.calls import LayerCall
 from gradnorm_lightning.capture.stats import Factored
 
@@ -86,8 +87,8 @@ def _linear_rule(layer: nn.Module, call: LayerCall, grads: Tensor, dtype: torch.
     d_out, d_in = layer.weight.shape
     if h.dim() == 0 or h.shape[-1] != d_in or grads.shape[-1] != d_out:
         return None
-    rows = h.reshape(-1, h.shape[-1]).to(dtype)
-    out = grads.reshape(grads.shape[0], -1, grads.shape[-1]).to(dtype)
+    rows = as_dtype(h if h.dim() == 2 else h.reshape(-1, h.shape[-1]), dtype)
+    out = as_dtype(grads if grads.dim() == 3 else grads.reshape(grads.shape[0], -1, grads.shape[-1]), dtype)
     if out.shape[1] != rows.shape[0]:
         return None
     return Factored(rows, out, weight="weight" in names, bias="bias" in names)

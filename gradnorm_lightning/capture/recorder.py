@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
+from gradnorm_lightning._arrays import as_dtype
 from gradnorm_lightning.capture.backward import StepCapture
 from gradnorm_lightning.capture.calls import ForwardHook, LayerCall
 from gradnorm_lightning.capture.distributed import reduce_statistics
@@ -280,7 +281,7 @@ class Recorder:
             )
         norms, loss_sum, loss_weight = reduce_statistics(acc, self.distributed)
         weights = self._weights if self._weights is not None else torch.ones_like(norms)
-        norms = norms / weights.to(norms)
+        norms = norms / as_dtype(weights, norms.dtype)
         if grad_scale is not None:
             if isinstance(grad_scale, Tensor):
                 grad_scale = grad_scale.to(device=norms.device, dtype=norms.dtype)

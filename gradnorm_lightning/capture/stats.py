@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from gradnorm_lightning import _arrays
+from gradnorm_lightning._arrays import as_dtype
 
 __all__ = ["Accumulator", "Factored", "safe_norms"]
 
@@ -186,18 +187,36 @@ class Accumulator:
     """
 
     def __init__(self, num_tasks: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.loss_sum = torch.zeros(num_tasks, dtype=dtype, device=device)
-        self.loss_weight = torch.zeros(num_tasks, dtype=dtype, device=device)
+        self.num_tasks, self.dtype, self.device = num_tasks, dtype, device
+        self._loss_sum: Tensor | None = None  # (made by the first backward pass)
+        self._loss_weight: Tensor | None = None
         self.factored: list[Factored] = []
         self.dense: Tensor | None = None
         self.rep_norms: Tensor | None = None
         self.routes: list[str] = []
 
+    @property
+    def loss_sum(self) -> Tensor:
+        """``sum_passes c * L_i`` over the passes task ``i`` was present in."""
+        if self._loss_sum is None:
+            self._loss_sum = torch.zeros(self.num_tasks, dtype=self.dtype, device=self.device)
+        return self._loss_sum
+
+    @property
+    def loss_weight(self) -> Tensor:
+        """``sum_passes c`` over the passes task ``i`` was present in."""
+        if self._loss_weight is None:
+            self._loss_weight = torch.zeros(self.num_tasks, dtype=self.dtype, device=self.device)
+        return self._loss_weight
+
     def add_losses(self, values: Tensor, present: Tensor, scale: Tensor) -> None:
         """One backward pass's task losses, weighted by its scale ``c`` (present tasks only)."""
         weight = present * scale
-        self.loss_sum += torch.where(present, values.to(self.loss_sum.dtype), 0.0) * weight
-        self.loss_weight += weight
+        weighted = torch.where(present, as_dtype(values, self.dtype), 0.0) * weight
+        if self._loss_sum is None or self._loss_weight is None:
+            self._loss_sum, self._loss_weight = weighted, weight
+        else:
+            self._loss_sum, self._loss_weight = self._loss_sum + weighted, self._loss_weight + weight
 
     def add(self, grads: Factored | Tensor) -> None:
         """Add per-task gradients of the shared layer's trainable parameters."""
@@ -250,5 +269,5 @@ class Accumulator:
             return Factored.cat(self.factored).norms()
         dense = self.dense_grads()
         if dense is None:
-            return torch.full_like(self.loss_sum, float("nan"))
+            return torch.full((self.num_tasks,), float("nan"), dtype=self.dtype, device=self.device)
         return safe_norms(dense, self.loss_weight > 0)  # (tasks absent from every pass do not count)
