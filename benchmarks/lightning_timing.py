@@ -109,6 +109,7 @@ class LightningResult:
 
     plain_loop: Series
     balancer_loop: Series
+    balancer_loop_sanitize: Series
     lightning_plain: Series
     lightning_gradnorm: Series
     lightning_gradnorm_nosanitize: Series
@@ -122,7 +123,8 @@ def time_lightning(wl: Workload, batches: Sequence[Batch], steps: int, per_fit: 
     the GradNormMixin module with ``GradNormCallback`` (this benchmark's explicit settings,
     :func:`~benchmarks.methods.gradnorm_settings`) and with ``sanitize_grads=False`` on top;
     then ``per_fit`` interleaved steps of the plain PyTorch summed-loss loop and of the
-    plain-PyTorch balancer (default path). The first ``drop`` steps of every fit are
+    plain-PyTorch balancer (default path), without and with ``zero_nonfinite_grads_`` (what
+    ``sanitize_grads=True`` does in the callback). The first ``drop`` steps of every fit are
     discarded (Trainer start-up). Rounds continue until every series has ``steps`` samples.
     """
     import logging
@@ -140,8 +142,9 @@ def time_lightning(wl: Workload, batches: Sequence[Batch], steps: int, per_fit: 
             (lit_gn2, [GradNormCallback(**kwargs, log=True, sanitize_grads=False)])]
     timers = [StepTimer() for _ in runs]
     loops: list[Method] = [PlainSum(wl, build_model(wl)),
-                           ProjectGradNorm(wl, build_model(wl), name="balancer")]
-    loop_times = [Series(), Series()]
+                           ProjectGradNorm(wl, build_model(wl), name="balancer"),
+                           ProjectGradNorm(wl, build_model(wl), name="balancer+sanitize", sanitize=True)]
+    loop_times = [Series(), Series(), Series()]
     rounds = 0
     while min(*(len(t.times) for t in timers), len(loop_times[0])) < steps:
         for (module, callbacks), timer in zip(runs, timers, strict=True):
@@ -152,4 +155,4 @@ def time_lightning(wl: Workload, batches: Sequence[Batch], steps: int, per_fit: 
         for acc, series in zip(loop_times, block, strict=True):
             acc.extend(series)
         rounds += 1
-    return LightningResult(loop_times[0], loop_times[1], *(t.times for t in timers))
+    return LightningResult(loop_times[0], loop_times[1], loop_times[2], *(t.times for t in timers))

@@ -317,14 +317,17 @@ class ProjectGradNorm(Method):
     """``gradnorm_lightning.GradNorm`` in a plain PyTorch loop (public API only).
 
     ``loss = gn.combine(losses); loss.backward(); gn.step(); opt.step()`` with the losses
-    as a list. ``views=True`` makes the heads read ``gn.task_views(z)`` (the zero-extra-pass
+    as a list (``sanitize=True``: ``zero_nonfinite_grads_`` before ``opt.step()``, as the
+    README's plain-loop quickstart). ``views=True`` makes the heads read ``gn.task_views(z)`` (the zero-extra-pass
     path). Every setting is passed explicitly (:func:`gradnorm_settings`).
     """
 
     def __init__(self, wl: Workload, model: MultiTaskNet, views: bool = False, mode: str = "auto",
-                 name: str = "gradnorm-lightning GradNorm", reference: str = "W") -> None:
+                 name: str = "gradnorm-lightning GradNorm", reference: str = "W", sanitize: bool = False) -> None:
         super().__init__(wl, model)
-        from gradnorm_lightning import GradNorm
+        from gradnorm_lightning import GradNorm, zero_nonfinite_grads_
+
+        self._sanitize = zero_nonfinite_grads_ if sanitize else None
 
         self.gn = GradNorm(model.shared_layer, num_tasks=wl.num_tasks, **gradnorm_settings(wl, mode))
         if views:
@@ -339,6 +342,8 @@ class ProjectGradNorm(Method):
         loss = self.gn.combine(self.model.task_losses(self.model(x), ys))
         loss.backward()
         self.gn.step()
+        if self._sanitize is not None:  # as the plain-loop quickstart does
+            self._sanitize(self.model.parameters())
         self.opt.step()
 
     def weights(self) -> Tensor:
