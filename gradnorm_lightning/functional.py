@@ -13,8 +13,8 @@ Adaptive Loss Balancing in Deep Multitask Networks* (ICML 2018). With ``T`` task
 Every function accepts an optional boolean ``present`` mask: tasks outside it take no part
 (their loss was missing or non-finite on that step), so means run over the present tasks
 only and their gradient is zero. All decisions are made with ``where``, so the functions never
-read a tensor value on the host. They take torch tensors, or NumPy arrays (the balancers' update
-on the CPU: :mod:`gradnorm_lightning._arrays`).
+read a tensor value on the host. They take torch tensors, or the host path's Python vectors
+(the balancers' update on the CPU: :mod:`gradnorm_lightning._arrays`).
 """
 
 from __future__ import annotations

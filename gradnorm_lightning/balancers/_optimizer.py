@@ -57,7 +57,7 @@ class WeightOptimizer:
     def step(self, grad: Any, state: dict[str, Any], num_updates: Any, present: Any) -> tuple[Any, dict[str, Any]]:
         """The step ``lr * direction`` to subtract, and the changed state (for present tasks only).
 
-        Takes torch tensors or NumPy arrays (all of one kind) and returns the same kind.
+        Takes torch tensors or the host path's Python vectors (all of one kind) and returns the same kind.
         """
         lr = self.current_lr(num_updates)
         if self.kind != "adam":

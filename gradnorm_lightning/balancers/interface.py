@@ -24,7 +24,7 @@ class StepInputs(NamedTuple):
         loss_ratios: ``L_i / L_i(0)``.
         inverse_rates: ``r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0))`` over the present tasks.
         num_updates: the updates applied so far (0-dim).
-        ops: the operations for these inputs' kind of array: torch tensors, or NumPy arrays
+        ops: the operations for these inputs' kind of array: torch tensors, or Python vectors
             when the strategy declares ``host_update`` and the weights are on the CPU. A
             strategy reads its own state tensors through ``ops.view(self.<name>)`` and returns
             arrays of the same kind.
