@@ -156,6 +156,11 @@ def plain_ddp_worker(rank: int, world: int, init_method: str, out_dir: str,
         torch.save({"weights": torch.stack(weights), "norms": torch.stack(norms), "state": gn.state_dict(),
                     "params": [p.detach().clone() for p in net.parameters()]},
                    Path(out_dir) / f"plain_rank{rank}.pt")
+        # Release the DDP reducer while the process group is alive and idle: freed after
+        # destroy_process_group, it tears the group down itself, joining gloo's worker thread
+        # while holding the GIL that thread may need to free its last work (a deadlock seen here).
+        dist.barrier()
+        del ddp
     finally:
         dist.destroy_process_group()
 
