@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch  # noqa: F401 (the docstring examples use it)
 from torch import Tensor
 
 from gradnorm_lightning._arrays import array_ops

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+import torch  # noqa: F401 (the docstring example uses it)
 from torch import nn
 
 from gradnorm_lightning.balancers.base import Balancer
