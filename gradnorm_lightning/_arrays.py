@@ -38,11 +38,6 @@ class ArrayOps:
         """A state tensor as this kind of array (for torch, the tensor itself)."""
         return t
 
-    @staticmethod
-    def tensor(x: Any) -> Tensor:
-        """A result of this kind as a state tensor (for torch, ``x`` itself)."""
-        return x
-
     def tensors(self, values: dict[str, Any]) -> dict[str, Tensor]:
         """Several results as tensors, by name (for torch, the values themselves)."""
         return dict(values)
@@ -91,10 +86,6 @@ class ArrayOps:
     @staticmethod
     def zeros_like(x: Any) -> Any:
         return torch.zeros_like(x)
-
-    @staticmethod
-    def ones_like(x: Any) -> Any:
-        return torch.ones_like(x)
 
     @staticmethod
     def true_like(x: Any) -> Any:
@@ -293,12 +284,6 @@ class PythonOps(ArrayOps):
         values = t.tolist()
         return all(v == 0 for v in values) if isinstance(values, list) else values == 0
 
-    def tensor(self, x: Any) -> Tensor:  # type: ignore[override]
-        """A tensor of the balancer's dtype (booleans stay booleans) holding ``x``."""
-        values = x.v if isinstance(x, Vec) else x
-        probe = values[0] if isinstance(values, list) and values else values
-        return torch.tensor(values, dtype=torch.bool if isinstance(probe, bool) else self.dtype)
-
     @staticmethod
     def where(cond: Any, a: Any, b: Any) -> Any:
         if not isinstance(cond, Vec):
@@ -341,10 +326,6 @@ class PythonOps(ArrayOps):
     @staticmethod
     def zeros_like(x: Any) -> Any:
         return Vec([0.0] * len(x.v))
-
-    @staticmethod
-    def ones_like(x: Any) -> Any:
-        return Vec([1.0] * len(x.v))
 
     @staticmethod
     def true_like(x: Any) -> Any:
