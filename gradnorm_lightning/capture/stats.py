@@ -150,13 +150,17 @@ class Factored:
         if n * n * (d_in + num_tasks * d_out) >= num_tasks * d_in * d_out * (n + 8):
             if self.bias:
                 rows = torch.cat([rows, bias.expand(n, 1)], dim=1)
-            # all tasks in one GEMM, (T d_out, N) @ (N, d_in): each task's block contiguous
-            # (batch-major storage (N, T, d_out) makes the left operand a free reshape)
+            # all tasks in one GEMM, (d_in, N) @ (N, T d_out): batch-major storage (N, T, d_out)
+            # makes the right operand a free reshape; column j of the product is row j of some
+            # task's dW_t. The squares are summed down the columns, then over each task's block
+            # (torch's vector_norm along dim 0 is several times slower than the GEMM itself);
+            # a sum that overflows is caught by the caller (plain inputs) or cannot happen
+            # (inputs scaled to at most 1)
             batch_major = grads.transpose(0, 1)
             if g_scale is not None:
                 batch_major = batch_major * g_scale[:, None]
-            full = batch_major.reshape(n, num_tasks * d_out).T @ rows
-            return torch.linalg.vector_norm(full.view(num_tasks, -1), dim=1)
+            full = rows.T @ batch_major.reshape(n, num_tasks * d_out)
+            return full.square_().sum(dim=0).view(num_tasks, d_out).sum(dim=1).sqrt_()
         if g_scale is not None:
             grads = grads * g_scale[:, None, None]
         gram_h = rows @ rows.T
