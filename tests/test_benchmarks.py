@@ -125,3 +125,19 @@ def test_weight_stability_runs_and_reports_unknown_options_as_error_rows() -> No
         "optimizer": "adam", "lr": 0.01, "weight_space": "log"}
     with pytest.raises(ValueError, match="alpha"):
         weight_stability.parse_config(["alpha=1"])
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_phase_profile_runs_and_accounts_for_every_phase(views: bool) -> None:
+    from benchmarks.profile_phases import PHASES, profile
+
+    lines = profile("toy", views, steps=3, warmup=1, tiny=True)
+    rows = {line[:32].strip(): line[32:].split() for line in lines[2:]}
+    for phase in PHASES:
+        plain, balanced, extra = (float(v) for v in rows[phase])
+        assert plain >= 0 and balanced >= 0
+        assert extra == pytest.approx(balanced - plain, abs=2e-3)  # printed to 3 decimals
+    statistics_ms = float(rows["gn.step: statistics (norms)"][0])
+    update_ms = float(rows["gn.step: the weight update"][0])
+    assert statistics_ms > 0 and update_ms > 0  # (the statistics run inside gn.step)
+    assert "ratio" in lines[-1]
