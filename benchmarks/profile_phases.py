@@ -65,18 +65,18 @@ def profile(name: str, views: bool, steps: int, warmup: int = WARMUP, tiny: bool
     gn.recorder.collect = _timed(collect_times, gn.recorder.collect)  # type: ignore[method-assign]
     clock = time.perf_counter
 
-    def step(model: Any, opt: Any, batch: Any, balanced: bool) -> tuple[float, ...]:
+    def step(model: Any, opt: Any, batch: Any, weighted: bool) -> tuple[float, ...]:
         x, ys = batch
         t0 = clock()
         opt.zero_grad(set_to_none=True)
         out = model(x)
         t1 = clock()
         losses = model.task_losses(out, ys)
-        loss = gn.combine(losses) if balanced else torch.stack(losses).sum()
+        loss = gn.combine(losses) if weighted else torch.stack(losses).sum()
         t2 = clock()
         loss.backward()
         t3 = clock()
-        if balanced:
+        if weighted:
             gn.step()
         t4 = clock()
         opt.step()
