@@ -9,8 +9,8 @@ The plain summed-loss step and the GradNorm step (``gn.combine`` → ``backward`
 the order alternating), and every phase is timed with ``perf_counter`` inside the real
 training step, so that each phase pays the cache state the step really leaves it (a small
 torch call right after a large product costs several times what it costs warm). Inside
-``gn.step`` the recorder's statistics (the norms) are timed; the rest of it is the update. Medians after
-the first 50 steps. A profile, not a benchmark: the ratio to quote is ``bench_step.py``'s.
+``gn.step`` the recorder's statistics (the norms) are timed; the rest of it is the update.
+Medians after the first 50 steps. A profile, not a benchmark: the ratio to quote is ``bench_step.py``'s.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 import torch
 
 from benchmarks.methods import gradnorm_settings
-from benchmarks.workloads import build_model, make_batches, workload
+from benchmarks.workloads import WORKLOADS, build_model, make_batches, workload
 
 PHASES = ("forward", "losses + combine", "backward", "gn.step", "opt.step")
 WARMUP = 50
@@ -115,7 +115,7 @@ def profile(name: str, views: bool, steps: int, warmup: int = WARMUP, tiny: bool
 def main(argv: list[str] | None = None) -> None:
     """Command line: print the phase table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=["toy", "conv", "dense"], default="toy")
+    parser.add_argument("--workload", choices=WORKLOADS, default="toy")
     parser.add_argument("--views", action="store_true", help="heads read gn.task_views")
     parser.add_argument("--steps", type=int, default=600)
     args = parser.parse_args(argv)

@@ -151,8 +151,8 @@ class Factored:
             if self.bias:
                 rows = torch.cat([rows, bias.expand(n, 1)], dim=1)
             # all tasks in one GEMM, (d_in, N) @ (N, T d_out): batch-major storage (N, T, d_out)
-            # makes the right operand a free reshape; column j of the product is row j of some
-            # task's dW_t. The squares are summed down the columns, then over each task's block
+            # makes the right operand a free reshape; column t d_out + j of the product is row j
+            # of dW_t. The squares are summed down the columns, then over each task's block
             # (torch's vector_norm along dim 0 is several times slower than the GEMM itself);
             # a sum that overflows is caught by the caller (plain inputs) or cannot happen
             # (inputs scaled to at most 1)
