@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TORCH", "ArrayOps", "PythonOps", "Vec", "array_ops", "as_dtype", "host_reads_free", "python_ops"]
+__all__ = [
+    "TORCH", "ArrayOps", "PythonOps", "Vec", "array_ops", "as_dtype", "host_reads_free", "ieee_div", "python_ops",
+]
 
 
 class ArrayOps:
@@ -145,12 +147,12 @@ class Vec:
     def __truediv__(self, o: Any) -> Vec:
         if isinstance(o, Vec):
             if 0 in o.v:
-                return Vec([_div(a, b) for a, b in zip(self.v, o.v)])
+                return Vec([ieee_div(a, b) for a, b in zip(self.v, o.v)])
             return Vec([a / b for a, b in zip(self.v, o.v)])
-        return Vec([_div(a, o) for a in self.v]) if o == 0 else Vec([a / o for a in self.v])
+        return Vec([ieee_div(a, o) for a in self.v]) if o == 0 else Vec([a / o for a in self.v])
 
     def __rtruediv__(self, o: Any) -> Vec:
-        return Vec([_div(o, a) for a in self.v]) if 0 in self.v else Vec([o / a for a in self.v])
+        return Vec([ieee_div(o, a) for a in self.v]) if 0 in self.v else Vec([o / a for a in self.v])
 
     def __pow__(self, o: Any) -> Vec:
         return Vec([math.pow(a, b) for a, b in zip(self.v, o.v)]) if isinstance(o, Vec) else Vec(
@@ -201,7 +203,7 @@ class Vec:
         return all(self.v)
 
 
-def _div(a: float, b: float) -> float:
+def ieee_div(a: float, b: float) -> float:
     """``a / b`` as IEEE arithmetic gives it (``inf`` or ``NaN`` for a zero divisor)."""
     if b != 0:
         return a / b

@@ -166,15 +166,15 @@ def test_the_host_path_runs_on_ordinary_steps(name: str) -> None:
     from gradnorm_lightning._arrays import TORCH
 
     kinds: list[bool] = []
-    original = Balancer._update
+    stats, found = _script(0, torch.float32)
+    balancer = dict(STRATEGIES)[name](nn.Linear(2, 2), ScriptedRecorder(stats))
+    original = type(balancer)._update  # (GradNorm's own: its fused host kernel, else the generic one)
 
     def spy(self: Balancer, stats: Statistics, found: Any, xp: Any) -> None:
         kinds.append(xp is TORCH)
         original(self, stats, found, xp)
 
-    stats, found = _script(0, torch.float32)
-    balancer = dict(STRATEGIES)[name](nn.Linear(2, 2), ScriptedRecorder(stats))
-    with mock.patch.object(Balancer, "_update", spy):
+    with mock.patch.object(type(balancer), "_update", spy):
         for f in found:
             balancer.step(found_inf=f)
     fallbacks = sum(kinds)
@@ -200,3 +200,39 @@ def test_host_update_sees_state_written_in_place_or_replaced() -> None:
         runs.append({name: getattr(gn, name) for name in gn._state_names})
     for name in runs[0]:
         torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+GRADNORM_STRATEGIES = [name for name, _ in STRATEGIES if name.startswith("gradnorm")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("name", GRADNORM_STRATEGIES)
+def test_gradnorm_host_kernel_equals_the_generic_host_path_exactly(name: str, seed: int, dtype: torch.dtype) -> None:
+    """GradNorm's fused host kernel does the generic host path's operations in its order: the same
+    numbers to the last bit, state for state and statistic for statistic, step after step."""
+    make = dict(STRATEGIES)[name]
+    stats, found = _script(seed, dtype)
+    fused = make(nn.Linear(2, 2).to(dtype), ScriptedRecorder(stats))
+    generic = make(nn.Linear(2, 2).to(dtype), ScriptedRecorder(stats))
+    ran = 0
+    kernel = GradNorm._host_kernel
+
+    def counted(self: GradNorm, *args: Any) -> None:
+        nonlocal ran
+        kernel(self, *args)
+        ran += 1
+
+    for step, f in enumerate(found):
+        with mock.patch.object(Balancer, "updates_on_host", lambda self: True):
+            with mock.patch.object(GradNorm, "_host_kernel", counted):
+                fused.step(found_inf=f)
+            with mock.patch.object(GradNorm, "_host_kernel", side_effect=ArithmeticError):
+                generic.step(found_inf=f)
+        a, b = _record(fused), _record(generic)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype, (step, key)
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m, k=key, s=step: f"{name} step {s} {k}: {m}")
+    assert ran >= len(found) - 1  # the kernel ran on every step but the one Python cannot do

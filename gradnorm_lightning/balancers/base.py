@@ -349,31 +349,46 @@ class Balancer(TaskState):
         logged = {"loss_ratios": ratios, "inverse_rates": rates}
         if proposal.objective is not None:
             logged["loss"] = proposal.objective
-        if xp is TORCH:
-            for name, value in new_state.items():
-                setattr(self, name, torch.where(ok, value, getattr(self, name)))
-            self.num_updates = self.num_updates + ok
-            self.skipped = self.skipped + absent
-            self.skipped_updates = self.skipped_updates + ~ok
-            self.empty_steps = self.empty_steps + absent.all()
-            applied = ok
+        if xp is not TORCH:
+            self._commit_on_host(stats, new_state, logged, ok, absent, xp)
+            return
+        for name, value in new_state.items():
+            setattr(self, name, torch.where(ok, value, getattr(self, name)))
+        self.num_updates = self.num_updates + ok
+        self.skipped = self.skipped + absent
+        self.skipped_updates = self.skipped_updates + ~ok
+        self.empty_steps = self.empty_steps + absent.all()
+        self._set_last_stats(stats, logged, ok)
+
+    def _commit_on_host(self, stats: Statistics, new_state: dict[str, Any], logged: dict[str, Any], ok: bool,
+                        absent: Any, xp: ArrayOps) -> None:
+        """Write a host step's results: on the host the decision is a plain branch, and only what
+        changes is written, all of it as views of one new tensor.
+
+        Args:
+            stats: the step's statistics.
+            new_state: the state a valid step writes (Python vectors and numbers, by name).
+            logged: the logged vectors (``"loss"``: the objective), by name.
+            ok: whether the step is applied.
+            absent: the absent tasks (a Python vector of bools).
+            xp: the host path's operations.
+        """
+        get = xp.view
+        changes = new_state if ok else {}
+        if ok:
+            changes["num_updates"] = get(self.num_updates) + 1
         else:
-            # on the host the decision is a plain branch, and only what changes is written:
-            # all of it as views of one new tensor
-            changes = new_state if ok else {}
-            if ok:
-                changes["num_updates"] = get(self.num_updates) + 1
-            else:
-                changes["skipped_updates"] = get(self.skipped_updates) + 1
-            if absent.any():
-                changes["skipped"] = get(self.skipped) + absent
-                if absent.all():
-                    changes["empty_steps"] = get(self.empty_steps) + 1
-            made = xp.tensors({**changes, **{f"/{k}": v for k, v in logged.items()}})
-            for name in changes:
-                setattr(self, name, made[name])
-            logged = {k: made[f"/{k}"] for k in logged}
-            applied = torch.tensor(bool(ok))
+            changes["skipped_updates"] = get(self.skipped_updates) + 1
+        if absent.any():
+            changes["skipped"] = get(self.skipped) + absent
+            if absent.all():
+                changes["empty_steps"] = get(self.empty_steps) + 1
+        made = xp.tensors({**changes, **{f"/{k}": v for k, v in logged.items()}})
+        for name in changes:
+            setattr(self, name, made[name])
+        self._set_last_stats(stats, {k: made[f"/{k}"] for k in logged}, torch.tensor(bool(ok)))
+
+    def _set_last_stats(self, stats: Statistics, logged: dict[str, Tensor], applied: Tensor) -> None:
         self.last_stats = {
             "weights": self.weights,
             "grad_norms": stats.grad_norms,

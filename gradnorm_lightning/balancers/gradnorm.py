@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from gradnorm_lightning import functional as F
+from gradnorm_lightning._arrays import TORCH, ArrayOps, Vec, ieee_div
 from gradnorm_lightning._checks import (
     OPTIMIZERS,
     WEIGHT_SPACES,
@@ -23,6 +25,7 @@ from gradnorm_lightning.balancers._optimizer import WeightOptimizer
 from gradnorm_lightning.balancers.base import Balancer
 from gradnorm_lightning.balancers.interface import Proposal, StepInputs, own_arguments
 from gradnorm_lightning.capture import Recorder
+from gradnorm_lightning.capture.recorder import Statistics
 
 __all__ = ["GradNorm"]
 
@@ -218,6 +221,111 @@ class GradNorm(Balancer):
             "jump_steps": xp.view(self.jump_steps) + (xp.amax(abs(new - w)) > _JUMP),
         }
         return Proposal(new, valid, objective, state)
+
+    # ------------------------------------------------------------------ the host kernel
+    def _update(self, stats: Statistics, found_inf: Tensor | None, xp: ArrayOps) -> None:
+        if xp is TORCH:
+            super()._update(stats, found_inf, xp)
+            return
+        try:
+            self._host_kernel(stats, found_inf, xp)
+        except (ArithmeticError, ValueError):
+            # Python raised where IEEE arithmetic gives inf or NaN: the generic path decides
+            # (it falls back to the device path in turn)
+            super()._update(stats, found_inf, xp)
+
+    def _host_kernel(self, stats: Statistics, found_inf: Tensor | None, xp: ArrayOps) -> None:
+        """The whole update of :meth:`Balancer._update` with :meth:`propose`, fused: one pass
+        over the tasks in Python floats, the same operations in the same order as the generic
+        host path (so the same numbers; ``tests/test_host_update.py`` holds them equal), and
+        several times fewer interpreted operations. Writes nothing before it has finished."""
+        get = xp.view
+        present, losses, norms = get(stats.present).v, get(stats.losses).v, get(stats.grad_norms).v
+        weights = get(self.weights).v
+        num_tasks = len(weights)
+        tasks = range(num_tasks)
+        init_sum: list[float] = []
+        init_count: list[float] = []
+        if self._all_fixed:
+            initial = get(self._fixed_initial).v
+        else:
+            count, total, steps = get(self.initial_loss_count).v, get(self.initial_loss_sum).v, self.initial_loss_steps
+            for i in tasks:
+                collecting = present[i] and count[i] < steps
+                init_count.append(count[i] + collecting)
+                init_sum.append(total[i] + losses[i] * collecting)
+            initial = [a / (c if c >= 1.0 or c != c else 1.0) for a, c in zip(init_sum, init_count)]
+            if self._any_fixed:
+                initial = [f if m else a for f, m, a in zip(get(self._fixed_initial).v, get(self._fixed_mask).v, initial)]
+        ratios = [ieee_div(a, b) for a, b in zip(losses, initial)]
+        live = float(sum(present))
+        live = live if live >= 1.0 else 1.0
+        safe = [r if m else 1.0 for r, m in zip(ratios, present)]
+        mean = sum(r if m else 0.0 for r, m in zip(safe, present)) / live
+        rates = [ieee_div(r, mean) for r in safe]
+        # the GradNorm gradient (F.gradnorm_weight_grad_from_rates)
+        safe_norms = [n if m else 0.0 for n, m in zip(norms, present)]
+        weighted = [a * b for a, b in zip(weights, safe_norms)]
+        mean_g = sum(g if m else 0.0 for g, m in zip(weighted, present)) / live
+        alpha = self.alpha
+        diff = [g - math.pow(r, alpha) * mean_g for g, r in zip(weighted, rates)]
+        objective = sum(abs(d) if m else 0.0 for d, m in zip(diff, present))
+        grad = [(1.0 if d > 0 else (-1.0 if d < 0 else 0.0)) * n for d, n in zip(diff, safe_norms)]
+        log_space = self.weight_space == "log"
+        if log_space:
+            grad = [g * w for g, w in zip(grad, weights)]
+        # the weight optimizer (WeightOptimizer.step)
+        opt = self._optim
+        lr: float = opt.current_lr(get(self.num_updates))
+        state: dict[str, Any] = {}
+        if opt.kind == "adam":
+            beta1, beta2 = opt.betas
+            eps = opt.eps
+            exp_avg, exp_avg_sq, adam_steps = get(self.exp_avg).v, get(self.exp_avg_sq).v, get(self.adam_steps).v
+            new_m, new_v, new_k, delta = [], [], [], []
+            for i in tasks:
+                g = grad[i]
+                k = adam_steps[i] + 1
+                m = exp_avg[i] * beta1 + g * (1 - beta1)
+                v = exp_avg_sq[i] * beta2 + g * g * (1 - beta2)
+                denom = math.sqrt(v) / math.sqrt(1 - math.pow(beta2, k)) + eps
+                delta.append(ieee_div(ieee_div(m, 1 - math.pow(beta1, k)), denom) * lr)
+                keep = present[i]
+                new_m.append(m if keep else exp_avg[i])
+                new_v.append(v if keep else exp_avg_sq[i])
+                new_k.append(k if keep else adam_steps[i])
+            state = {"exp_avg": Vec(new_m), "exp_avg_sq": Vec(new_v), "adam_steps": Vec(new_k)}
+        else:
+            delta = [g * lr for g in grad]
+        floor_steps = get(self.floor_steps)
+        if log_space:
+            raw = [math.exp(math.log(w) - d) for w, d in zip(weights, delta)]
+            low = xp.tiny(get(self.weights))
+        else:
+            raw = [w - d for w, d in zip(weights, delta)]
+            low = self.min_weight
+            floor_steps = floor_steps + any(m and r < low for m, r in zip(present, raw))
+        # F.renormalize_weights
+        clamped = [r if r >= low or r != r else low for r in raw]
+        absent_sum = sum(0.0 if m else w for m, w in zip(present, weights))
+        present_sum = sum(c if m else 0.0 for c, m in zip(clamped, present))
+        factor = (num_tasks - absent_sum) / present_sum
+        new = [c * factor if m else w for c, m, w in zip(clamped, present, weights)]
+        change = [abs(a - w) for a, w in zip(new, weights)]
+        jump = (math.nan if any(c != c for c in change) else max(change)) > _JUMP
+        ok = any(present) and all(
+            (math.isfinite(n) and math.isfinite(r + a) and i0 > 0) or not m
+            for n, r, a, i0, m in zip(norms, rates, new, initial, present)
+        )
+        if found_inf is not None:
+            ok = ok and xp.is_zero(found_inf.to(self.device))
+        new_state: dict[str, Any] = {
+            "weights": Vec(new), **state, "floor_steps": floor_steps, "jump_steps": get(self.jump_steps) + jump,
+        }
+        if not self._all_fixed:
+            new_state.update(initial_loss_sum=Vec(init_sum), initial_loss_count=Vec(init_count))
+        logged = {"loss_ratios": Vec(ratios), "inverse_rates": Vec(rates), "loss": objective}
+        self._commit_on_host(stats, new_state, logged, bool(ok), Vec([not m for m in present]), xp)
 
     def health_warnings(self) -> list[str]:
         """Warnings about weights that park at the floor or jump (reads the counters on the host).
