@@ -6,7 +6,9 @@ host, the balancer runs the very same code on :class:`Vec` (Python numbers): eac
 call costs microseconds of dispatch, and many more right after a large product has flushed the
 caches, while ``T`` Python multiplications cost well under one. The math is written once,
 against :func:`array_ops`; everything it needs beyond the operators (``+ - * / ** ~ & | < >``,
-``abs``, ``.sum()``, ``.any()``, ``.all()``) is here.
+``abs``, ``.sum()``, ``.any()``, ``.all()``) is here. (GradNorm also has a fused host kernel,
+``GradNorm._host_kernel``: the same operations in the same order in one pass over the tasks,
+held equal to this generic path to the last bit by ``tests/test_host_update.py``.)
 
 Example::
 
