@@ -236,3 +236,23 @@ def test_gradnorm_host_kernel_equals_the_generic_host_path_exactly(name: str, se
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True,
                                        msg=lambda m, k=key, s=step: f"{name} step {s} {k}: {m}")
     assert ran >= len(found) - 1  # the kernel ran on every step but the one Python cannot do
+
+
+def test_a_gradnorm_subclass_with_its_own_rule_keeps_it_on_the_host() -> None:
+    """The fused kernel is GradNorm's own rule: a subclass that overrides ``propose`` is not bypassed."""
+    seen: list[str] = []
+
+    class Halved(GradNorm):
+        def propose(self, inputs: Any) -> Any:
+            seen.append(inputs.ops.name)
+            proposal = super().propose(inputs)
+            return proposal._replace(weights=proposal.weights * 0.5 + inputs.weights * 0.5)
+
+    stats, found = _script(1, torch.float64, steps=4)
+    halved = Halved(nn.Linear(2, 2).double(), num_tasks=T, recorder=ScriptedRecorder(list(stats)))
+    plain = GradNorm(nn.Linear(2, 2).double(), num_tasks=T, recorder=ScriptedRecorder(list(stats)))
+    for f in found:
+        halved.step(found_inf=f)
+        plain.step(found_inf=f)
+    assert seen and set(seen) == {"python"}  # its rule ran, on the host path
+    assert not torch.equal(halved.weights, plain.weights)
