@@ -241,8 +241,8 @@ class GradNorm(Balancer):
         host path (so the same numbers; ``tests/test_host_update.py`` holds them equal), and
         several times fewer interpreted operations. Writes nothing before it has finished."""
         get = xp.view
-        present, losses, norms = get(stats.present).v, get(stats.losses).v, get(stats.grad_norms).v
-        weights = get(self.weights).v
+        present_vec, weights_vec = get(stats.present), get(self.weights)
+        present, losses, norms, weights = present_vec.v, get(stats.losses).v, get(stats.grad_norms).v, weights_vec.v
         num_tasks = len(weights)
         tasks = range(num_tasks)
         init_sum: list[float] = []
@@ -301,7 +301,7 @@ class GradNorm(Balancer):
         floor_steps = get(self.floor_steps)
         if log_space:
             raw = [math.exp(math.log(w) - d) for w, d in zip(weights, delta)]
-            low = xp.tiny(get(self.weights))
+            low = xp.tiny(weights_vec)
         else:
             raw = [w - d for w, d in zip(weights, delta)]
             low = self.min_weight
@@ -326,7 +326,7 @@ class GradNorm(Balancer):
         if not self._all_fixed:
             new_state.update(initial_loss_sum=Vec(init_sum), initial_loss_count=Vec(init_count))
         logged = {"loss_ratios": Vec(ratios), "inverse_rates": Vec(rates), "loss": objective}
-        self._commit_on_host(stats, new_state, logged, bool(ok), Vec([not m for m in present]), xp)
+        self._commit_on_host(stats, new_state, logged, bool(ok), ~present_vec, xp)
 
     def health_warnings(self) -> list[str]:
         """Warnings about weights that park at the floor or jump (reads the counters on the host).
