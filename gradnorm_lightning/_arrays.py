@@ -23,6 +23,7 @@ from __future__ import annotations
 import array
 import math
 import weakref
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -42,8 +43,14 @@ class ArrayOps:
         """A state tensor as this kind of array (for torch, the tensor itself)."""
         return t
 
-    def tensors(self, values: dict[str, Any]) -> dict[str, Tensor]:
-        """Several results as tensors, by name (for torch, the values themselves)."""
+    def tensors(self, values: dict[str, Any], remember: Collection[str] | None = None) -> dict[str, Tensor]:
+        """Several results as tensors, by name (for torch, the values themselves).
+
+        Args:
+            values: the results, by name.
+            remember: the names whose tensors the next step reads through :meth:`view`
+                (``None``: all); the host path keeps their values so the read is free.
+        """
         return dict(values)
 
     @staticmethod
@@ -253,7 +260,7 @@ class PythonOps(ArrayOps):
 
         known[key] = (weakref.ref(t, forget), t._version, value)
 
-    def tensors(self, values: dict[str, Any]) -> dict[str, Tensor]:
+    def tensors(self, values: dict[str, Any], remember: Collection[str] | None = None) -> dict[str, Tensor]:
         """Tensors of the balancer's dtype for numeric results (vectors or numbers), by name:
         views of one tensor made in one call (a small tensor costs microseconds to make)."""
         vectors = [(name, v) for name, v in values.items() if isinstance(v, Vec)]
@@ -276,11 +283,13 @@ class PythonOps(ArrayOps):
         start = 0
         for (name, _), size, piece in zip(vectors, sizes, pieces):
             out[name] = piece
-            self._remember(piece, Vec(rounded[start : start + size]))
+            if remember is None or name in remember:
+                self._remember(piece, Vec(rounded[start : start + size]))
             start += size
         for (name, _), piece, value in zip(numbers, pieces[-1].unbind() if numbers else (), rounded[start:]):
             out[name] = piece
-            self._remember(piece, value)
+            if remember is None or name in remember:
+                self._remember(piece, value)
         return out
 
     @staticmethod

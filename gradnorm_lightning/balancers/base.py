@@ -383,7 +383,8 @@ class Balancer(TaskState):
             changes["skipped"] = get(self.skipped) + absent
             if absent.all():
                 changes["empty_steps"] = get(self.empty_steps) + 1
-        made = xp.tensors({**changes, **{f"/{k}": v for k, v in logged.items()}})
+        # (the logged values are not read back: only the state is remembered)
+        made = xp.tensors({**changes, **{f"/{k}": v for k, v in logged.items()}}, remember=changes)
         for name in changes:
             setattr(self, name, made[name])
         self._set_last_stats(stats, {k: made[f"/{k}"] for k in logged}, torch.tensor(bool(ok)))

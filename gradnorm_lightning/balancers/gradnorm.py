@@ -247,6 +247,7 @@ class GradNorm(Balancer):
         tasks = range(num_tasks)
         init_sum: list[float] = []
         init_count: list[float] = []
+        count: list[float] = []
         if self._all_fixed:
             initial = get(self._fixed_initial).v
         else:
@@ -298,14 +299,14 @@ class GradNorm(Balancer):
             state = {"exp_avg": Vec(new_m), "exp_avg_sq": Vec(new_v), "adam_steps": Vec(new_k)}
         else:
             delta = [g * lr for g in grad]
-        floor_steps = get(self.floor_steps)
+        floored = False
         if log_space:
             raw = [math.exp(math.log(w) - d) for w, d in zip(weights, delta)]
             low = xp.tiny(weights_vec)
         else:
             raw = [w - d for w, d in zip(weights, delta)]
             low = self.min_weight
-            floor_steps = floor_steps + any(m and r < low for m, r in zip(present, raw))
+            floored = any(m and r < low for m, r in zip(present, raw))
         # F.renormalize_weights
         clamped = [r if r >= low or r != r else low for r in raw]
         absent_sum = sum(0.0 if m else w for m, w in zip(present, weights))
@@ -320,10 +321,13 @@ class GradNorm(Balancer):
         )
         if found_inf is not None:
             ok = ok and xp.is_zero(found_inf.to(self.device))
-        new_state: dict[str, Any] = {
-            "weights": Vec(new), **state, "floor_steps": floor_steps, "jump_steps": get(self.jump_steps) + jump,
-        }
-        if not self._all_fixed:
+        # only what changes is written (the counters and L(0)'s sums stay the same tensors otherwise)
+        new_state: dict[str, Any] = {"weights": Vec(new), **state}
+        if floored:
+            new_state["floor_steps"] = get(self.floor_steps) + 1
+        if jump:
+            new_state["jump_steps"] = get(self.jump_steps) + 1
+        if not self._all_fixed and init_count != count:
             new_state.update(initial_loss_sum=Vec(init_sum), initial_loss_count=Vec(init_count))
         logged = {"loss_ratios": Vec(ratios), "inverse_rates": Vec(rates), "loss": objective}
         self._commit_on_host(stats, new_state, logged, bool(ok), ~present_vec, xp)
