@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -42,8 +42,9 @@ class CheckResult:
 
 
 def run_trajectory(factory: MethodFactory, wl: Workload, batches: Sequence[Batch], seed: int = 0) -> Tensor:
-    """Weights after each step (``steps × T``) of one method on ``batches``."""
-    model = build_model(wl, seed=seed, dtype=batches[0][0].dtype)
+    """Weights after each step (``steps × T``, float64 on the CPU) of one method on ``batches``
+    (the model is built on the batches' device and dtype)."""
+    model = build_model(wl, seed=seed, dtype=batches[0][0].dtype, device=batches[0][0].device)
     method = factory(wl, model)
     out = []
     for batch in batches:
@@ -51,7 +52,7 @@ def run_trajectory(factory: MethodFactory, wl: Workload, batches: Sequence[Batch
         w = method.weights()
         if w is None:
             raise ValueError(f"{method.name!r} has no task weights to compare.")
-        out.append(w.detach().clone().to(torch.float64))
+        out.append(w.detach().to("cpu", torch.float64).clone())
     return torch.stack(out)
 
 
@@ -61,7 +62,7 @@ def _devs(a: Tensor, b: Tensor) -> tuple[float, float]:
 
 
 def check_trajectories(wl: Workload, steps: int = 50, tol: float = 1e-6, keys: Sequence[str] | None = None,
-                       verbose: bool = True) -> list[CheckResult]:
+                       verbose: bool = True, device: torch.device | str = "cpu") -> list[CheckResult]:
     """Compare every GradNorm row's float64 weight trajectory with its textbook reference.
 
     Args:
@@ -70,11 +71,12 @@ def check_trajectories(wl: Workload, steps: int = 50, tol: float = 1e-6, keys: S
         tol: largest relative deviation a row that must match may show.
         keys: only these rows (keys of :func:`~benchmarks.methods.method_factories`).
         verbose: print one line per row.
+        device: where every row (and the textbook reference) runs.
 
     Raises:
         AssertionError: a row that must match deviates by more than ``tol`` (relative).
     """
-    batches = make_batches(wl, steps, dtype=torch.float64)
+    batches = make_batches(wl, steps, dtype=torch.float64, device=device)
     refs: dict[str, Tensor] = {}
 
     def ref(wrt: str, gnp: bool = False) -> Tensor:
@@ -87,7 +89,7 @@ def check_trajectories(wl: Workload, steps: int = 50, tol: float = 1e-6, keys: S
     for key, factory in method_factories():
         if keys is not None and key not in keys:
             continue
-        probe = factory(wl, build_model(wl, dtype=torch.float64))
+        probe = factory(wl, build_model(wl, dtype=torch.float64, device=device))
         if probe.reference is None:
             continue
         traj = run_trajectory(factory, wl, batches)
@@ -169,8 +171,13 @@ class Series:
         return q[0], q[2]
 
 
-def time_interleaved(methods: Sequence[Method], batches: Sequence[Batch], steps: int, warmup: int) -> list[Series]:
-    """Per-step times of each method, round-robin with a rotating start; warm-up dropped."""
+def time_interleaved(methods: Sequence[Method], batches: Sequence[Batch], steps: int, warmup: int,
+                     sync: Callable[[], None] | None = None) -> list[Series]:
+    """Per-step times of each method, round-robin with a rotating start; warm-up dropped.
+
+    ``sync`` (``torch.cuda.synchronize`` on a GPU) is called after every step, inside the
+    timed window, so that a step's time includes the device work it queued.
+    """
     times = [Series() for _ in methods]
     n = len(methods)
     for r in range(warmup + steps):
@@ -179,6 +186,8 @@ def time_interleaved(methods: Sequence[Method], batches: Sequence[Batch], steps:
             j = (r + k) % n
             t0, c0 = time.perf_counter(), time.thread_time()
             methods[j].step(batch)
+            if sync is not None:
+                sync()
             c1, t1 = time.thread_time(), time.perf_counter()
             if r >= warmup:
                 times[j].add(t1 - t0, c1 - c0)

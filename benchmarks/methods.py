@@ -69,7 +69,7 @@ class _AnalyticWeights(Method):
         super().__init__(wl, model)
         self.trunk_params = list(model.trunk.parameters())
         self.head_params = [list(h.parameters()) for h in model.heads]
-        self.w = torch.ones(wl.num_tasks, dtype=self.trunk_params[0].dtype)
+        self.w = torch.ones(wl.num_tasks, dtype=self.trunk_params[0].dtype, device=self.trunk_params[0].device)
         self.initial: Tensor | None = None
 
     def _update(self, losses: Tensor, norms: Tensor) -> None:
@@ -111,7 +111,7 @@ class Textbook(Method):
         self.gnp_compat = gnp_compat
         self.reference = wrt
         p = next(model.parameters())
-        self.w = nn.Parameter(torch.ones(wl.num_tasks, dtype=p.dtype))
+        self.w = nn.Parameter(torch.ones(wl.num_tasks, dtype=p.dtype, device=p.device))
         self.wopt = torch.optim.SGD([self.w], lr=wl.weight_lr)
         self.initial: Tensor | None = None
 
@@ -272,13 +272,13 @@ class GradNormPytorch(Method):
         super().__init__(wl, model)
         from gradnorm_pytorch import GradNormLossWeighter
 
-        dtype = next(model.parameters()).dtype
+        p = next(model.parameters())
         self.weighter = GradNormLossWeighter(
             num_losses=wl.num_tasks,
             learning_rate=wl.weight_lr,
             restoring_force_alpha=wl.alpha,
             grad_norm_parameters=model.shared_layer.weight,
-        ).to(dtype)
+        ).to(device=p.device, dtype=p.dtype)
 
     def step(self, batch: Batch) -> None:
         """One step as in gradnorm-pytorch's README."""

@@ -189,8 +189,9 @@ def _dense_head(wl: Workload, out: int) -> nn.Sequential:
     )
 
 
-def build_model(wl: Workload, seed: int = 0, dtype: torch.dtype = torch.float32) -> MultiTaskNet:
-    """The workload's model, initialised deterministically from ``seed``."""
+def build_model(wl: Workload, seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> MultiTaskNet:
+    """The workload's model, initialised deterministically from ``seed`` (on the CPU, then moved to ``device``)."""
     torch.manual_seed(seed)
     c, _, _ = wl.image
     c1, c2 = wl.channels
@@ -222,7 +223,7 @@ def build_model(wl: Workload, seed: int = 0, dtype: torch.dtype = torch.float32)
         losses = dense_losses
     else:
         raise ValueError(f"`wl.name` must be one of {WORKLOADS}; got {wl.name!r}.")
-    return MultiTaskNet(trunk, heads, losses).to(dtype)
+    return MultiTaskNet(trunk, heads, losses).to(device=device, dtype=dtype)
 
 
 def _dense_batches(wl: Workload, n: int, g: torch.Generator, dtype: torch.dtype) -> list[Batch]:
@@ -243,15 +244,24 @@ def _dense_batches(wl: Workload, n: int, g: torch.Generator, dtype: torch.dtype)
     return out
 
 
-def make_batches(wl: Workload, n: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> list[Batch]:
+def make_batches(wl: Workload, n: int, seed: int = 1, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> list[Batch]:
     """``n`` batches of inputs and per-task targets with very different scales.
 
     Toy (as in the paper): ``y_i = sigma_i * tanh((B + eps_i) x)`` with ``B ~ N(0, 10)``,
     ``eps_i ~ N(0, 3.5)``, ``sigma_i`` spread over ``[1, T]``. Conv: ``y_i = sigma_i *
     tanh(P_i x_flat)`` with fixed random projections ``P_i``. Dense: per-pixel targets from
     fixed random 3×3 convolutions ``P`` of the image: class labels ``argmax P_seg x``,
-    depth ``10 tanh(P_depth x)``, unit normals ``P_normals x / ||P_normals x||``.
+    depth ``10 tanh(P_depth x)``, unit normals ``P_normals x / ||P_normals x||``. The data
+    are made on the CPU (the same numbers for every device) and then moved to ``device``.
     """
+    out = _cpu_batches(wl, n, seed, dtype)
+    if torch.device(device).type == "cpu":
+        return out
+    return [(x.to(device), [y.to(device) for y in ys]) for x, ys in out]
+
+
+def _cpu_batches(wl: Workload, n: int, seed: int, dtype: torch.dtype) -> list[Batch]:
     g = torch.Generator().manual_seed(seed)
     if wl.name == "dense":
         return _dense_batches(wl, n, g, dtype)

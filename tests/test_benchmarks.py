@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from benchmarks import lightning_timing, measure, methods, weight_stability, workloads
+from benchmarks import gpu_check, lightning_timing, measure, methods, weight_stability, workloads
 
 HAS_GNP = importlib.util.find_spec("gradnorm_pytorch") is not None
 
@@ -141,3 +141,19 @@ def test_phase_profile_runs_and_accounts_for_every_phase(views: bool) -> None:
     update_ms = float(rows["gn.step: the weight update"][0])
     assert statistics_ms > 0 and update_ms > 0  # (the statistics run inside gn.step)
     assert "ratio" in lines[-1]
+
+
+def test_gpu_check_parts_run_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """``benchmarks/gpu_check.py`` is run on a GPU machine only now and then: its parts (b)-(d)
+    run here on the CPU with tiny workloads so that it does not rot in between."""
+    ok, lines = gpu_check.sync_checks(("toy",), 2, device="cpu", tiny=True)
+    assert ok and len([ln for ln in lines if ln.startswith("| toy |")]) == len(gpu_check.SYNC_PATHS)
+    ok, lines = gpu_check.precision_fits(("toy",), 3, device="cpu", tiny=True)
+    assert ok and sum("| toy |" in ln for ln in lines) == 3
+    ok, lines = gpu_check.benchmark_rows(("toy",), 2, 0, 3, 2, device="cpu", tiny=True)
+    rows = [ln for ln in lines if ln.startswith("| gradnorm-lightning default")]
+    assert ok and len(rows) == 2  # the benchmark's batch and the scaled one
+    assert rows[0].endswith("[W] |") and rows[1].endswith("| — |")  # the float64 check: the benchmark's size
+    if not torch.cuda.is_available():
+        assert gpu_check.main([]) == 2  # says there is nothing to check, and checks nothing
+        assert "no CUDA device" in capsys.readouterr().out
