@@ -120,7 +120,7 @@ def _method_table(wl: Workload, steps: int, warmup: int, check_steps: int) -> li
 
     print(f"== {wl.name}: timing ({warmup} warm-up + {steps} interleaved rounds)", flush=True)
     batches = make_batches(wl, 8)
-    factories = method_factories()
+    factories = method_factories(wl=wl)
     methods = [f(wl, build_model(wl)) for _, f in factories]
     times = time_interleaved(methods, batches, steps, warmup)
     peaks = [step_peak_bytes(m, batches) for m in methods]

@@ -228,9 +228,9 @@ def _peak_extra(method: Method, batches: Sequence[Batch], device: str, repeats: 
     return peak
 
 
-def _rows() -> list[tuple[str, Callable[..., Method]]]:
+def _rows(wl: Workload) -> list[tuple[str, Callable[..., Method]]]:
     gnp = _has("gradnorm_pytorch")
-    return [(k, f) for k, f in method_factories() if gnp or k != "gradnorm-pytorch"]
+    return [(k, f) for k, f in method_factories(wl=wl) if gnp or k != "gradnorm-pytorch"]
 
 
 def benchmark_rows(names: Sequence[str], steps: int, warmup: int, check_steps: int, batch_scale: int,
@@ -238,10 +238,10 @@ def benchmark_rows(names: Sequence[str], steps: int, warmup: int, check_steps: i
     """Part (d); returns (passed, report lines)."""
     ok = True
     lines: list[str] = []
-    rows = _rows()
-    keys = [k for k, _ in rows]
     for name in names:
         base = workload(name, tiny=tiny)
+        rows = _rows(base)
+        keys = [k for k, _ in rows]
         horizon = min(check_steps, base.check_horizon or check_steps)
         try:
             checks = {c.key: c for c in check_trajectories(base, steps=horizon, keys=keys, device=device)}

@@ -86,7 +86,7 @@ def check_trajectories(wl: Workload, steps: int = 50, tol: float = 1e-6, keys: S
         return refs[k]
 
     results = []
-    for key, factory in method_factories():
+    for key, factory in method_factories(wl=wl):
         if keys is not None and key not in keys:
             continue
         probe = factory(wl, build_model(wl, dtype=torch.float64, device=device))

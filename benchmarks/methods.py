@@ -3,7 +3,8 @@
 Rows, in table order (:func:`method_factories`): the plain summed loss (the denominator of
 every ratio), the textbook ``create_graph`` GradNorm (the reference for numbers),
 ``gradnorm-pytorch`` 0.2.3, two LibMTL-style variants (norms over the trunk with ``T``
-backward passes; norms at the representation, LibMTL's ``rep_grad``), and this project's
+backward passes; norms at the representation, LibMTL's ``rep_grad``), a hand-written minimal
+exact GradNorm for the workloads with a shared ``Linear`` (the floor reference), and this project's
 routes through the public API only (``GradNorm``, ``task_views``, ``combine``, ``step``,
 ``weights``).
 """
@@ -293,6 +294,71 @@ class GradNormPytorch(Method):
         return self.weighter.loss_weights.detach()
 
 
+class _FanOut(torch.autograd.Function):
+    """``T`` aliases of ``z``; the backward keeps the ``T`` incoming gradients, stacked."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, num: int, store: list[Tensor]) -> tuple[Tensor, ...]:
+        ctx.store = store
+        return tuple(z.view_as(z) for _ in range(num))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None, None]:
+        stacked = torch.stack(grads, dim=1)  # batch-major (N, T, d): the norm's GEMM reads it as is
+        ctx.store.append(stacked)
+        return stacked.sum(dim=1), None, None
+
+
+class MinimalExact(_AnalyticWeights):
+    """A hand-written exact GradNorm for one model shape: the floor of an eager implementation.
+
+    Not a library: it knows the workload's model (a shared ``Linear`` followed by ``ReLU``,
+    heads reading its output) and uses that. The heads read ``T`` aliases of the
+    representation from one autograd function whose backward keeps the ``T`` per-task
+    gradients (no hooks, no graph walk); after the model's own backward they cross the ReLU
+    by one product with its mask, and one ``(d_in + 1, N) @ (N, T·d_out)`` GEMM gives every
+    task's weight-and-bias gradient, whose squares are summed per task. The update is the
+    analytic one of :class:`_AnalyticWeights` in torch; nothing is scaled against overflow
+    and nothing is checked. The benchmark's rows are compared with it to see how much of
+    their cost is the arithmetic every exact method pays.
+    """
+
+    name = "hand-written minimal exact GradNorm (this model only; floor reference)"
+    reference = "W"
+
+    @staticmethod
+    def applies(wl: Workload) -> bool:
+        """Only for the workloads whose shared layer is a ``Linear`` (toy, conv)."""
+        return wl.name in ("toy", "conv")
+
+    def __init__(self, wl: Workload, model: MultiTaskNet) -> None:
+        super().__init__(wl, model)
+        if not isinstance(model.shared_layer, nn.Linear) or not isinstance(model.trunk[-1], nn.ReLU):
+            raise ValueError("MinimalExact needs a shared Linear followed by a ReLU.")
+        self._store: list[Tensor] = []
+
+    def step(self, batch: Batch) -> None:
+        """One step: forward with the aliases, weighted backward, norms, update."""
+        x, ys = batch
+        t = self.wl.num_tasks
+        self.opt.zero_grad(set_to_none=True)
+        trunk = self.model.trunk
+        h = trunk[:-2](x).flatten(1)
+        pre = trunk[-2](h)
+        z = trunk[-1](pre)
+        views = _FanOut.apply(z, t, self._store)
+        outs = [head(v) for head, v in zip(self.model.heads, views, strict=True)]
+        losses = torch.stack(self.model.task_losses(outs, ys))
+        (self.w * losses).sum().backward()
+        grads = self._store.pop() * (pre > 0).unsqueeze(1)  # (N, T, d_out) at the Linear's output
+        n = h.shape[0]
+        rows = torch.cat([h.detach(), h.new_ones(n, 1)], dim=1)
+        full = rows.T @ grads.reshape(n, -1)
+        norms = full.square_().sum(dim=0).view(t, -1).sum(dim=1).sqrt_() / self.w
+        self.opt.step()
+        self._update(losses, norms)
+
+
 def project_available() -> bool:
     """Whether ``gradnorm_lightning`` exposes the core API (``GradNorm``)."""
     try:
@@ -354,14 +420,16 @@ class ProjectGradNorm(Method):
 MethodFactory = Callable[[Workload, MultiTaskNet], Method]
 
 
-def method_factories(include_project: bool | None = None) -> list[tuple[str, MethodFactory]]:
-    """All rows, in table order, as (key, factory)."""
+def method_factories(include_project: bool | None = None, wl: Workload | None = None) -> list[tuple[str, MethodFactory]]:
+    """All rows, in table order, as (key, factory); with ``wl``, only the rows that apply to it
+    (a factory with an ``applies(wl)`` method says; the others apply to every workload)."""
     rows: list[tuple[str, MethodFactory]] = [
         ("plain", PlainSum),
         ("textbook", Textbook),
         ("gradnorm-pytorch", GradNormPytorch),
         ("libmtl", LibMTLStyle),
         ("libmtl-rep", LibMTLRepGrad),
+        ("minimal", MinimalExact),
     ]
     if include_project is None:
         include_project = project_available()
@@ -380,4 +448,6 @@ def method_factories(include_project: bool | None = None) -> list[tuple[str, Met
             ("gnl-autograd", lambda wl, m: ProjectGradNorm(
                 wl, m, mode="autograd", name="gradnorm-lightning mode=autograd")),
         ]
+    if wl is not None:
+        rows = [(k, f) for k, f in rows if getattr(f, "applies", lambda _: True)(wl)]
     return rows

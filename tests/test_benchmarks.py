@@ -16,8 +16,8 @@ from benchmarks import gpu_check, lightning_timing, measure, methods, weight_sta
 HAS_GNP = importlib.util.find_spec("gradnorm_pytorch") is not None
 
 
-def _keys() -> list[str]:
-    return [k for k, _ in methods.method_factories(include_project=True) if HAS_GNP or k != "gradnorm-pytorch"]
+def _keys(wl: workloads.Workload | None = None) -> list[str]:
+    return [k for k, _ in methods.method_factories(include_project=True, wl=wl) if HAS_GNP or k != "gradnorm-pytorch"]
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +33,9 @@ def test_every_row_follows_its_textbook_trajectory(name: str) -> None:
     wl = workloads.workload(name, tiny=True)
     results = measure.check_trajectories(wl, steps=8, keys=_keys(), verbose=False)
     by_key = {r.key: r for r in results}
-    expected = {k for k in _keys() if k != "plain"}
+    expected = {k for k in _keys(wl) if k != "plain"}
     assert set(by_key) == expected
+    assert ("minimal" in by_key) == (name != "dense")  # the floor reference: shared Linear workloads only
     for r in results:
         if r.must_match:
             assert r.ok and r.max_rel_dev < 1e-10, (r.name, r.max_rel_dev)
@@ -71,6 +72,16 @@ def test_check_fails_loudly_on_a_deviating_row(monkeypatch: pytest.MonkeyPatch) 
         measure.check_trajectories(wl, steps=3, keys=["libmtl"], verbose=False)
 
 
+def test_the_floor_reference_row_is_exact_and_refuses_other_models() -> None:
+    wl = workloads.toy_workload()  # the real sizes: the row's shortcuts must hold there too
+    (result,) = measure.check_trajectories(wl, steps=5, keys=["minimal"], verbose=False)
+    assert result.ok and result.max_rel_dev < 1e-12
+    dense = workloads.dense_workload(tiny=True)
+    assert "minimal" not in dict(methods.method_factories(wl=dense))
+    with pytest.raises(ValueError, match="shared Linear"):
+        methods.MinimalExact(dense, workloads.build_model(dense))
+
+
 @pytest.mark.skipif(not HAS_GNP, reason="the full table includes the gradnorm-pytorch row: pip install '.[bench]'")
 def test_table_and_memory_columns_render() -> None:
     from benchmarks import bench_step
@@ -78,7 +89,7 @@ def test_table_and_memory_columns_render() -> None:
     wl = workloads.conv_workload(tiny=True)
     lines = bench_step.run_workload(wl, steps=4, warmup=1, check_steps=2, lightning=False)
     rows = [line for line in lines if line.startswith("| ") and "ms/step" not in line]
-    assert len(rows) == len(methods.method_factories())
+    assert len(rows) == len(methods.method_factories(wl=wl))
     assert all(row.count("|") == 9 for row in rows)
 
 
