@@ -47,8 +47,9 @@ def node_sequence_nr(node: Any) -> int | None:
 
 
 @functools.cache
+@functools.cache
 def accumulate_grad_type() -> type:
-    """The Python type of autograd's leaf nodes (``AccumulateGrad``, a parameter's accumulator)."""
+    """The Python type of autograd's leaf nodes (``AccumulateGrad``, a parameter's accumulator); found once."""
     leaf = torch.zeros(1, requires_grad=True)
     node = torch.autograd.graph.get_gradient_edge(leaf).node
     return type(node)

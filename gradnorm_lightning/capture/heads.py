@@ -97,6 +97,7 @@ def walk_heads(losses: Sequence[Tensor | None], stops: set[Any], budget: int = 4
     usable = bool(seqs) and all(q is not None and q < 2**63 for q in seqs)
     min_seq = min(q for q in seqs if q is not None) if usable else -1
     reach: dict[Any, bool] = dict.fromkeys(stops, True)
+    reached_by = reach.get
     leaf = accumulate_grad_type()
     children: dict[Any, list[tuple[int, Any, int]]] = {}  # relevant node -> its relevant (k, child, nr)
     order: list[Any] = []  # relevant non-stop nodes, children before parents
@@ -115,8 +116,8 @@ def walk_heads(losses: Sequence[Tensor | None], stops: set[Any], budget: int = 4
         stack = [(root, root.next_functions, 0)]
         while stack:
             node, nexts, j = stack.pop()
-            descended = False
-            while j < len(nexts):
+            size = len(nexts)
+            while j < size:
                 child = nexts[j][0]
                 j += 1
                 if child is None or child in reach or type(child) is leaf:
@@ -130,10 +131,9 @@ def walk_heads(losses: Sequence[Tensor | None], stops: set[Any], budget: int = 4
                 reach[child] = False
                 stack.append((node, nexts, j))
                 stack.append((child, child.next_functions, 0))
-                descended = True
                 break
-            if not descended:
-                kids = [(k, nxt, nr) for k, (nxt, nr) in enumerate(nexts) if nxt is not None and reach.get(nxt)]
+            else:  # every child is done: the node reaches a stop through the ones that do
+                kids = [(k, nxt, nr) for k, (nxt, nr) in enumerate(nexts) if reached_by(nxt)]
                 if kids:
                     reach[node] = True
                     children[node] = kids
