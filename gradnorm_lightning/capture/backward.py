@@ -41,23 +41,31 @@ __all__ = ["StepCapture"]
 class _TaskGrads:
     """Per-task gradients at one edge: rows from the heads' hooks and/or whole ``(T, ...)`` blocks."""
 
-    __slots__ = ("block", "rows")
+    __slots__ = ("block", "owned", "rows")
 
     def __init__(self) -> None:
         self.rows: dict[int, Tensor] = {}
         self.block: Tensor | None = None
+        self.owned = False  # whether the block is this step's own (may be overwritten)
 
     def add(self, task: int, g: Tensor) -> None:
         self.rows[task] = g if task not in self.rows else self.rows[task] + g
 
-    def add_block(self, g: Tensor) -> None:
-        self.block = g if self.block is None else self.block + g
+    def add_block(self, g: Tensor, owned: bool = False) -> None:
+        if self.block is None:
+            self.block, self.owned = g, owned
+        else:
+            self.block, self.owned = self.block + g, True
 
     def merge(self, other: _TaskGrads) -> None:
         for task, g in other.rows.items():
             self.add(task, g)
         if other.block is not None:
-            self.add_block(other.block)
+            self.add_block(other.block, other.owned)
+
+    def stacked_is_owned(self) -> bool:
+        """Whether :meth:`stacked` returns a tensor of this step's own (made here, or owned)."""
+        return bool(self.rows) or self.owned
 
     def stacked(self, num_tasks: int) -> Tensor:
         """All of it as one ``(T, *shape)`` tensor (zeros for tasks without a row)."""
@@ -214,21 +222,25 @@ class StepCapture:
 
         return prehook
 
-    def on_views(self, grads: tuple[Tensor | None, ...]) -> None:
-        """The views' backward: every task's gradient at the aliased tensor."""
+    def on_views(self, grads: tuple[Tensor | None, ...], stacked: Tensor | None = None) -> None:
+        """The views' backward: every task's gradient at the aliased tensor (``stacked``: all of
+        them as one ``(T, ...)`` block of this step's own, when every view was read)."""
         if not self.started or self._busy or self.finished:
             return
         try:
             rows = _TaskGrads()
             for task, (g, loss) in enumerate(zip(grads, self.losses)):
                 if g is not None:
-                    rows.add(task, g)
+                    if stacked is None:
+                        rows.add(task, g)
                 elif loss is not None:
                     raise ValueError(
                         f"Task {self.names[task]!r} has a loss but did not read its view from `task_views`; "
                         "each head must read its own view (and only it)."
                     )
-            if rows.rows:
+            if stacked is not None:
+                rows.add_block(stacked, owned=True)
+            if rows.rows or rows.block is not None:
                 assert self.plan.views_edge is not None
                 self._pending[self.plan.views_edge] = rows
                 while self._pending:  # (across an elementwise node, then into the sink)
@@ -267,8 +279,8 @@ class StepCapture:
                 self._busy = False
             assert diag is not None
             nxt, nr = next((n, r) for n, r in elementwise.next_functions if n is not None)
-            # (a block stacked here is ours: multiplied in place)
-            product = block.mul_(diag) if pending[moving[0][0]].block is None else block * diag
+            # (a block of this step's own is multiplied in place)
+            product = block.mul_(diag) if pending[moving[0][0]].stacked_is_owned() else block * diag
             self._waiting(GradientEdge(nxt, nr)).add_block(product)
             return
         targets: list[GradientEdge] | list[nn.Parameter]

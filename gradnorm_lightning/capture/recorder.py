@@ -76,9 +76,9 @@ class _ViewsLink:
         self.edge = edge
         self.capture: StepCapture | None = None
 
-    def deliver(self, grads: tuple[Tensor | None, ...]) -> None:
+    def deliver(self, grads: tuple[Tensor | None, ...], stacked: Tensor | None) -> None:
         if self.capture is not None:
-            self.capture.on_views(grads)
+            self.capture.on_views(grads, stacked)
 
 
 def _rank_zero() -> bool:

@@ -119,9 +119,11 @@ class Factored:
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def norms(self) -> Tensor:
-        """``||dW_t||`` for every task, by the cheaper exact formula, overflow-safe."""
+        """``||dW_t||`` for every task, by the cheaper exact formula, overflow-safe (0 for absent tasks)."""
         norms = self._raw_norms()
-        return norms if self.present is None else torch.where(self.present, norms, 0.0)
+        if self.present is None or (_arrays.host_reads_free(self.present.device) and all(self.present.tolist())):
+            return norms
+        return torch.where(self.present, norms, 0.0)
 
     def _raw_norms(self) -> Tensor:
         grads = self.grads

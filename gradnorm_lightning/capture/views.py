@@ -4,7 +4,8 @@
 head reads its own alias, that node's backward receives every task's gradient at ``z``
 separately, during the model's own backward, before they are summed: the per-task gradients
 cost no extra pass. The node hands them to a callback (held weakly) and returns their sum, so
-the model's gradients are unchanged.
+the model's gradients are unchanged. When every view was read, the gradients are stacked once,
+into the block the callback receives and the sum is taken from (no second copy).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gradnorm_lightning.capture._refs import weak_callable
 
 __all__ = ["fan_out"]
 
-ViewsCallback = Callable[[tuple[Tensor | None, ...]], None]
+ViewsCallback = Callable[[tuple[Tensor | None, ...], Tensor | None], None]
 
 
 class _Slot:
@@ -30,10 +31,10 @@ class _Slot:
     def __init__(self, callback: ViewsCallback) -> None:
         self._ref = weak_callable(callback)
 
-    def __call__(self, grads: tuple[Tensor | None, ...]) -> None:
+    def __call__(self, grads: tuple[Tensor | None, ...], stacked: Tensor | None) -> None:
         callback = self._ref()
         if callback is not None:
-            callback(grads)
+            callback(grads, stacked)
 
 
 class _FanOut(torch.autograd.Function):
@@ -48,7 +49,13 @@ class _FanOut(torch.autograd.Function):
         used = [g for g in grads if g is not None]
         if not used:
             return None, None, None
-        ctx.slot(grads)
+        if len(used) == len(grads) and len(used) > 1 and used[0].dim() > 0:
+            # batch-major storage (N, T, ...): a Linear rule's product reads it as one GEMM operand
+            stacked = torch.stack(used, dim=1)
+            total = stacked.sum(dim=1)  # (taken before the callback, which may overwrite the block)
+            ctx.slot(grads, stacked.transpose(0, 1))
+            return total, None, None
+        ctx.slot(grads, None)
         total = used[0] if len(used) == 1 else torch.stack(used).sum(dim=0)
         return total, None, None
 
@@ -59,9 +66,11 @@ def fan_out(z: Tensor, num_tasks: int, callback: ViewsCallback) -> tuple[Tensor,
     Args:
         z: the shared representation.
         num_tasks: how many views.
-        callback: receives the tuple of per-view gradients (``None`` for an unread view)
-            during the backward, while the graph below ``z`` is still alive. A bound method
-            is held weakly.
+        callback: receives ``(grads, stacked)`` during the backward, while the graph below
+            ``z`` is still alive: the tuple of per-view gradients (``None`` for an unread
+            view) and, when every view was read (and ``z`` is not 0-dim), the same gradients
+            stacked as one ``(T, *z.shape)`` tensor (else ``None``), which is the callback's to
+            overwrite. A bound method is held weakly.
 
     Returns:
         The views, in task order.
@@ -70,9 +79,9 @@ def fan_out(z: Tensor, num_tasks: int, callback: ViewsCallback) -> tuple[Tensor,
 
         >>> seen = []
         >>> z = torch.ones(2, requires_grad=True)
-        >>> a, b = fan_out(z, 2, seen.append)
+        >>> a, b = fan_out(z, 2, lambda grads, stacked: seen.append(stacked))
         >>> (2 * a + 3 * b).sum().backward()
-        >>> [g.tolist() for g in seen[0]], z.grad.tolist()
+        >>> seen[0].tolist(), z.grad.tolist()
         ([[2.0, 2.0], [3.0, 3.0]], [5.0, 5.0])
     """
     return _FanOut.apply(z, _Slot(callback), num_tasks)
