@@ -316,8 +316,10 @@ class MinimalExact(_AnalyticWeights):
     heads reading its output) and uses that. The heads read ``T`` aliases of the
     representation from one autograd function whose backward keeps the ``T`` per-task
     gradients (no hooks, no graph walk); after the model's own backward they cross the ReLU
-    by one product with its mask, and one ``(d_in + 1, N) @ (N, T·d_out)`` GEMM gives every
-    task's weight-and-bias gradient, whose squares are summed per task. The update is the
+    by one product with its mask. The norms then take the cheaper of two exact formulas: one
+    ``(d_in + 1, N) @ (N, T·d_out)`` GEMM gives every task's weight-and-bias gradient, whose
+    squares are summed per task, or (small batches) the ghost norm ``<G_t G_t^T, H H^T>``
+    with ``H`` the inputs and a column of ones. The update is the
     analytic one of :class:`_AnalyticWeights` in torch; nothing is scaled against overflow
     and nothing is checked. The benchmark's rows are compared with it to see how much of
     their cost is the arithmetic every exact method pays.
@@ -351,10 +353,16 @@ class MinimalExact(_AnalyticWeights):
         losses = torch.stack(self.model.task_losses(outs, ys))
         (self.w * losses).sum().backward()
         grads = self._store.pop() * (pre > 0).unsqueeze(1)  # (N, T, d_out) at the Linear's output
-        n = h.shape[0]
+        n, d_out = h.shape[0], grads.shape[2]
         rows = torch.cat([h.detach(), h.new_ones(n, 1)], dim=1)
-        full = rows.T @ grads.reshape(n, -1)
-        norms = full.square_().sum(dim=0).view(t, -1).sum(dim=1).sqrt_() / self.w
+        d_in = rows.shape[1]
+        if n * n * (d_in + t * d_out) < t * d_in * d_out * n:  # the ghost norm is cheaper
+            per_task = grads.transpose(0, 1)  # (T, N, d_out)
+            gram = torch.bmm(per_task, per_task.transpose(1, 2)) * (rows @ rows.T)
+            squares = gram.sum(dim=(1, 2)).clamp_min_(0)
+        else:
+            squares = (rows.T @ grads.reshape(n, -1)).square_().sum(dim=0).view(t, -1).sum(dim=1)
+        norms = squares.sqrt_() / self.w
         self.opt.step()
         self._update(losses, norms)
 
