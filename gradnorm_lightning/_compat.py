@@ -47,7 +47,6 @@ def node_sequence_nr(node: Any) -> int | None:
 
 
 @functools.cache
-@functools.cache
 def accumulate_grad_type() -> type:
     """The Python type of autograd's leaf nodes (``AccumulateGrad``, a parameter's accumulator); found once."""
     leaf = torch.zeros(1, requires_grad=True)
