@@ -147,21 +147,15 @@ def sync_checks(names: Sequence[str], steps: int, device: str = "cuda", tiny: bo
 
 # ---------------------------------------------------------------------- (c)
 def _fit(wl: Workload, batches: Sequence[Batch], precision: str, steps: int, device: str) -> dict[str, Any]:
-    import lightning as L
-    from torch.utils.data import DataLoader
-
-    from benchmarks.lightning_timing import lightning_modules
+    from benchmarks.lightning_timing import fit, lightning_modules
     from benchmarks.methods import gradnorm_settings
     from gradnorm_lightning import GradNormCallback
 
     _, module = lightning_modules(wl)
     cb = GradNormCallback(**gradnorm_settings(wl), log=False)
-    trainer = L.Trainer(accelerator="gpu" if _on_cuda(device) else "cpu", devices=1, precision=precision, max_steps=steps, logger=False,  # type: ignore[arg-type]
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[cb])
-    data: Any = list(batches)
     t0 = time.perf_counter()
-    trainer.fit(module, DataLoader(data, batch_size=None, shuffle=False))
+    trainer = fit(module, batches, steps, [cb], None, accelerator="gpu" if _on_cuda(device) else "cpu",
+                  precision=precision)
     elapsed = time.perf_counter() - t0
     gn = cb.balancer
     assert gn is not None

@@ -89,18 +89,24 @@ def lightning_modules(wl: Workload) -> tuple[Any, Any]:
     return LitPlain(), LitGradNorm()
 
 
-def fit(module: Any, batches: Sequence[Batch], steps: int, extra: Sequence[Any], timer: StepTimer) -> None:
-    """``steps`` training steps of ``module`` on ``batches`` with the timer's callbacks around ``extra``."""
+def fit(module: Any, batches: Sequence[Batch], steps: int, extra: Sequence[Any], timer: StepTimer | None,
+        accelerator: str = "cpu", precision: Any = "32-true") -> Any:
+    """``steps`` training steps of ``module`` on ``batches`` with the timer's callbacks (if any)
+    around ``extra``; returns the ``Trainer``."""
     import lightning as L
     from torch.utils.data import DataLoader
 
-    start, end = timer_callbacks(timer)
+    callbacks = list(extra)
+    if timer is not None:
+        start, end = timer_callbacks(timer)
+        callbacks = [start, *callbacks, end]
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[start, *extra, end],
+        accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, precision=precision,
     )
     data: Any = list(batches)  # a list is a map-style dataset
     trainer.fit(module, DataLoader(data, batch_size=None, shuffle=False))
+    return trainer
 
 
 @dataclasses.dataclass

@@ -219,6 +219,10 @@ class Batch:
     y: Tensor
     mask: Tensor
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on ``device``."""
+        return Batch(self.step, self.x.to(device), self.y.to(device), self.mask.to(device))
+
 
 def _make_layer(layer: str) -> nn.Module:
     d = FEATURES

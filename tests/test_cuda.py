@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,16 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers.dist_models import MultiTask, Recorder, fit_single, make_batches, make_trainer
 
 from gradnorm_lightning import GradNorm, GradNormCallback
-from tests.model_zoo import STEPS, Spec, batches, build, pairwise_specs
-from tests.test_differential import Run, mismatch
-from tests.test_no_sync import CASES, FAULTS, Model, no_host_sync
+from tests.model_zoo import Spec, batches, build, pairwise_specs
+from tests.test_differential import gradnorm_run, mismatch
+from tests.test_no_sync import CASES, FAULTS, Model, run_faults
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-F64 = torch.float64
 SPECS = pairwise_specs(0)
 
 
@@ -57,28 +55,6 @@ def cuda_sync_errors(device: str = "cuda") -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(old)
 
 
-def _zoo_run(spec: Spec, mode: str, views: bool, device: str) -> Run:
-    """``spec``'s seeded float64 training on ``device``, as ``tests/test_differential.py`` runs it."""
-    model = copy.deepcopy(build(spec)[0]).to(device)
-    gn = GradNorm(model.shared, num_tasks=spec.num_tasks, alpha=1.5, lr=0.05, optimizer="sgd", mode=mode)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    out_w, out_n, routes = [], [], []
-    for batch in batches(spec):
-        batch.x, batch.y, batch.mask = batch.x.to(device), batch.y.to(device), batch.mask.to(device)
-        model.before_step(batch.step)
-        losses = model.task_losses(batch, gn.task_views if views else None)
-        opt.zero_grad()
-        gn.combine(losses).backward()  # type: ignore[arg-type]  # None marks a missing task
-        gn.step()
-        opt.step()
-        out_w.append(gn.weights.detach().to("cpu", F64).clone())
-        out_n.append(gn.last_stats["grad_norms"].detach().to("cpu", F64).clone())
-        routes.append(gn.last_stats.get("route"))
-    present = torch.tensor([spec.present(s) for s in range(STEPS)])
-    return Run(torch.stack(out_w), torch.stack(out_n), present, routes,
-               [p.detach().to("cpu").clone() for p in model.parameters()])
-
-
 def plain_cuda_error(spec: Spec) -> str | None:
     """The error PyTorch itself raises when it trains ``spec``'s model on CUDA without GradNorm
     (summed loss, one backward), or ``None``.
@@ -88,8 +64,7 @@ def plain_cuda_error(spec: Spec) -> str | None:
     backward through them fail on CUDA, with or without this package.
     """
     model = copy.deepcopy(build(spec)[0]).to("cuda")
-    batch = batches(spec)[0]
-    batch.x, batch.y, batch.mask = batch.x.to("cuda"), batch.y.to("cuda"), batch.mask.to("cuda")
+    batch = batches(spec)[0].to("cuda")
     model.before_step(batch.step)
     losses = [loss for loss in model.task_losses(batch, None) if loss is not None and bool(torch.isfinite(loss))]
     try:
@@ -107,8 +82,8 @@ def test_cuda_route_matches_cpu_autograd(spec: Spec, views: bool) -> None:
     error = plain_cuda_error(spec)
     if error is not None:  # not this package's to fix; it must not hide one of ours either
         pytest.skip(f"PyTorch itself cannot train this model on CUDA: {error.splitlines()[0][:300]}")
-    want = _zoo_run(spec, "autograd", False, "cpu")
-    got = _zoo_run(spec, "auto", views, "cuda")
+    want, _ = gradnorm_run(spec, "autograd")
+    got, _ = gradnorm_run(spec, "auto", views, device="cuda")
     problem = mismatch(got, want)
     assert problem is None, f"[{spec.id}] views={views} on CUDA (routes {got.routes}) vs CPU autograd: {problem}"
     # the reference moved: the comparison is not one of constants
@@ -121,31 +96,8 @@ def guarded_fault_run(case: str, device: str) -> GradNorm:
     kwargs, views, shared = CASES[case]
     model = Model(shared).to(device)
     gn = GradNorm(model.shared, 3, alpha=1.0, lr=0.1, **kwargs)
-    gen = torch.Generator().manual_seed(1)
-    data = [(torch.randn(8, 4, generator=gen).to(device), torch.randn(8, 3, generator=gen).to(device))
-            for _ in FAULTS]
-    params = list(model.parameters())
     calls: list[str] = []
-    with no_host_sync(calls), cuda_sync_errors(device):
-        for (x, y), faults in zip(data, FAULTS):
-            z = model.rep(x)
-            reps = gn.task_views(z) if views else (z,) * 3
-            losses: list[torch.Tensor | None] = []
-            for i, head in enumerate(model.heads):
-                loss = torch.nn.functional.mse_loss(head(reps[i]).squeeze(1), y[:, i])
-                kind = faults.get(i)
-                if kind == "missing":
-                    losses.append(None)
-                    continue
-                losses.append(loss + (math.nan if kind == "nan" else math.inf if kind == "inf" else 0.0))
-            for p in params:
-                p.grad = None
-            gn.combine(losses).backward()
-            gn.step()
-            with torch.no_grad():
-                for p in params:
-                    if p.grad is not None:
-                        p -= 0.05 * p.grad
+    run_faults(gn, model, views, calls, device, lambda: cuda_sync_errors(device))
     assert calls == []
     return gn
 

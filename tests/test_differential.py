@@ -163,15 +163,17 @@ def reference_run(spec: Spec) -> Run:
 ProbeFn = Callable[[ZooModel, Any], Tensor]
 
 
-def gradnorm_run(spec: Spec, mode: str, views: bool = False, probe: ProbeFn | None = None) -> tuple[Run, Tensor | None]:
-    """The run with ``GradNorm(mode=mode)``; ``probe(model, batch)`` (optional) computes
-    reference norms from the model as it is at the start of each step."""
-    model = _fresh_model(spec)
+def gradnorm_run(spec: Spec, mode: str, views: bool = False, probe: ProbeFn | None = None,
+                 device: str = "cpu") -> tuple[Run, Tensor | None]:
+    """The run with ``GradNorm(mode=mode)`` on ``device``; ``probe(model, batch)`` (optional)
+    computes reference norms from the model as it is at the start of each step. The run's
+    records are float64 on the CPU."""
+    model = _fresh_model(spec).to(device)
     t = spec.num_tasks
     gn = GradNorm(model.shared, num_tasks=t, alpha=ALPHA, lr=LR, optimizer="sgd", mode=mode)
     opt = torch.optim.SGD(model.parameters(), lr=MODEL_LR)
     out_w, out_n, routes, probed = [], [], [], []
-    for batch in batches(spec):
+    for batch in (b.to(device) for b in batches(spec)):
         model.before_step(batch.step)
         try:
             if probe is not None:
@@ -185,12 +187,12 @@ def gradnorm_run(spec: Spec, mode: str, views: bool = False, probe: ProbeFn | No
             exc.add_note(f"[{spec.id}] mode={mode!r} views={views} at step {batch.step}")
             raise
         opt.step()
-        out_w.append(gn.weights.detach().to(F64).clone())
-        out_n.append(gn.last_stats["grad_norms"].detach().to(F64).clone())
+        out_w.append(gn.weights.detach().to("cpu", F64).clone())
+        out_n.append(gn.last_stats["grad_norms"].detach().to("cpu", F64).clone())
         routes.append(gn.last_stats.get("route"))
     present = torch.tensor([spec.present(s) for s in range(STEPS)])
     run = Run(torch.stack(out_w), torch.stack(out_n), present, routes,
-              [p.detach().clone() for p in model.parameters()])
+              [p.detach().to("cpu").clone() for p in model.parameters()])
     return run, (torch.stack(probed) if probe is not None else None)
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import sys
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -97,12 +99,15 @@ FAULTS = [
 ]
 
 
-def _run(gn: GradNorm, model: Model, views: bool, calls: list[str]):
+def run_faults(gn: GradNorm, model: Model, views: bool, calls: list[str], device: str = "cpu",
+         guard: Callable[[], AbstractContextManager[Any]] = nullcontext):
+    """The faulty training run, every step inside :func:`no_host_sync` and ``guard()``."""
     steps = len(FAULTS)
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(steps)]
+    batches = [(torch.randn(8, 4, generator=gen).to(device), torch.randn(8, 3, generator=gen).to(device))
+               for _ in range(steps)]
     params = list(model.parameters())
-    with no_host_sync(calls):
+    with no_host_sync(calls), guard():
         for (x, y), faults in zip(batches, FAULTS):
             z = model.rep(x)
             reps = gn.task_views(z) if views else (z,) * 3
@@ -152,7 +157,7 @@ def test_update_path_has_no_host_sync(case):
     model = Model(shared)
     gn = GradNorm(model.shared, 3, alpha=1.0, lr=0.1, **kwargs)
     calls: list[str] = []
-    _run(gn, model, views, calls)
+    run_faults(gn, model, views, calls)
     assert calls == []
     # the path really ran: the weights moved, stayed valid; absent tasks were counted
     assert not torch.allclose(gn.weights, torch.ones(3))
