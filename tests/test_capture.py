@@ -328,3 +328,64 @@ def test_a_backward_that_skips_the_shared_layer_is_a_clear_error() -> None:
     loss.backward(inputs=list(heads[0].parameters()))  # the heads' parameters only
     with pytest.raises(ValueError, match="did not reach the shared layer"):
         gn.step()
+
+
+def _random_conv(seed: int) -> tuple[nn.Module, tuple[int, ...], bool]:
+    """A seeded convolution with random dimensions, stride, padding, dilation, groups and bias;
+    returns it, its input shape, and whether the conv rule should apply (numeric zero padding)."""
+    import random
+
+    rng = random.Random(seed)
+    dims, groups = rng.choice([1, 2, 3]), rng.choice([1, 1, 2, 3])
+    c_in, c_out = groups * rng.randint(1, 3), groups * rng.randint(1, 3)
+    kernel, stride, dilation = rng.randint(1, 3), rng.randint(1, 2), rng.randint(1, 2)
+    padding: int | str = rng.choice([0, 1, 2, 1, "same"])
+    padding_mode = rng.choice(["zeros"] * 4 + ["reflect"])
+    if padding == "same":
+        stride = 1
+    reach = dilation * (kernel - 1) + 1
+    pad = padding if isinstance(padding, int) else reach // 2
+    low = max(reach - 2 * pad, pad + 1, 1)
+    size = tuple(rng.randint(low, low + 3) for _ in range(dims))
+    conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+    conv = conv_cls(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                    bias=rng.random() < 0.7, padding_mode=padding_mode).double()
+    if conv.bias is not None and rng.random() < 0.2:
+        conv.bias.requires_grad_(False)
+    batch = rng.choice([None, 1, 3])  # None: an unbatched input
+    shape = (c_in, *size) if batch is None else (batch, c_in, *size)
+    return conv, shape, isinstance(padding, int) and padding_mode == "zeros"
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("views", [False, True], ids=["heads", "views"])
+def test_conv_rule_is_exact_over_generated_convolutions(seed: int, views: bool) -> None:
+    """Generated convolutions (1-3 spatial dims, stride, padding, dilation, groups, bias frozen
+    or not, unbatched input, string padding and reflect padding, which the rule declines) give
+    the per-task norms of ``autograd.grad``; where the rule applies, with no autograd call."""
+    conv, shape, rule_applies = _random_conv(seed)
+    torch.manual_seed(seed)
+    x = torch.randn(*shape, dtype=F64)
+    with torch.no_grad():
+        features = conv(x).numel()
+    num_tasks = 2 + seed % 3
+    heads = [nn.Linear(features, 2).double() for _ in range(num_tasks)]
+
+    def forward(views_fn):
+        z = torch.tanh(conv(x))
+        zs = views_fn(z) if views_fn is not None else [z] * num_tasks
+        return [h(v.reshape(-1)).pow(2).sum() * (i + 1) for i, (h, v) in enumerate(zip(heads, zs))]
+
+    gn = GradNorm(conv, num_tasks=num_tasks, optimizer="sgd")
+    losses = forward(gn.task_views if views else None)
+    ref = reference_norms(losses, conv)
+    calls: list[int] = []
+    grad = torch.autograd.grad
+    try:
+        torch.autograd.grad = lambda *a, **k: calls.append(1) or grad(*a, **k)  # type: ignore[assignment]
+        gn.combine(losses).backward()
+    finally:
+        torch.autograd.grad = grad  # type: ignore[assignment]
+    gn.step()
+    check(gn, ref, "views" if views else "heads")
+    assert (calls == []) == rule_applies
