@@ -4,7 +4,8 @@ Rows, in table order (:func:`method_factories`): the plain summed loss (the deno
 every ratio), the textbook ``create_graph`` GradNorm (the reference for numbers),
 ``gradnorm-pytorch`` 0.2.3, two LibMTL-style variants (norms over the trunk with ``T``
 backward passes; norms at the representation, LibMTL's ``rep_grad``), a hand-written minimal
-exact GradNorm for the workloads with a shared ``Linear`` (the floor reference), and this project's
+exact GradNorm for the workloads with a shared ``Linear`` (the floor reference), the plain step
+plus the exact norms' arithmetic alone (the floor of any exact method; not a method), and this project's
 routes through the public API only (``GradNorm``, ``task_views``, ``combine``, ``step``,
 ``weights``).
 """
@@ -316,13 +317,12 @@ class MinimalExact(_AnalyticWeights):
     heads reading its output) and uses that. The heads read ``T`` aliases of the
     representation from one autograd function whose backward keeps the ``T`` per-task
     gradients (no hooks, no graph walk); after the model's own backward they cross the ReLU
-    by one product with its mask. The norms then take the cheaper of two exact formulas: one
-    ``(d_in + 1, N) @ (N, T·d_out)`` GEMM gives every task's weight-and-bias gradient, whose
-    squares are summed per task, or (small batches) the ghost norm ``<G_t G_t^T, H H^T>``
-    with ``H`` the inputs and a column of ones. The update is the
-    analytic one of :class:`_AnalyticWeights` in torch; nothing is scaled against overflow
-    and nothing is checked. The benchmark's rows are compared with it to see how much of
-    their cost is the arithmetic every exact method pays.
+    by one product with its mask. The norms take the cheaper of two exact formulas
+    (:func:`linear_norms`). The update is the analytic one of :class:`_AnalyticWeights`, in
+    Python floats on the CPU (as the project's own host update) and in torch on a device;
+    nothing is scaled against overflow and nothing is checked. The benchmark's rows are
+    compared with it to see how much of their cost an exact eager implementation cannot avoid;
+    :class:`NormArithmetic` shows how much of that is arithmetic.
     """
 
     name = "hand-written minimal exact GradNorm (this model only; floor reference)"
@@ -353,18 +353,112 @@ class MinimalExact(_AnalyticWeights):
         losses = torch.stack(self.model.task_losses(outs, ys))
         (self.w * losses).sum().backward()
         grads = self._store.pop() * (pre > 0).unsqueeze(1)  # (N, T, d_out) at the Linear's output
-        n, d_out = h.shape[0], grads.shape[2]
-        rows = torch.cat([h.detach(), h.new_ones(n, 1)], dim=1)
-        d_in = rows.shape[1]
-        if n * n * (d_in + t * d_out) < t * d_in * d_out * n:  # the ghost norm is cheaper
-            per_task = grads.transpose(0, 1)  # (T, N, d_out)
-            gram = torch.bmm(per_task, per_task.transpose(1, 2)) * (rows @ rows.T)
-            squares = gram.sum(dim=(1, 2)).clamp_min_(0)
-        else:
-            squares = (rows.T @ grads.reshape(n, -1)).square_().sum(dim=0).view(t, -1).sum(dim=1)
-        norms = squares.sqrt_() / self.w
+        norms = linear_norms(h.detach(), grads) / self.w
         self.opt.step()
         self._update(losses, norms)
+
+    def _update(self, losses: Tensor, norms: Tensor) -> None:
+        """The analytic update; on the CPU in Python floats (as the project's host kernel does)."""
+        if self.w.device.type != "cpu":
+            super()._update(losses, norms)
+            return
+        values, n, w = losses.detach().tolist(), norms.tolist(), self.w.tolist()
+        if self.initial is None:
+            self.initial = losses.detach().clone()
+        t, alpha, lr, low = self.wl.num_tasks, self.wl.alpha, self.wl.weight_lr, self.wl.min_weight
+        ratios = [a / b for a, b in zip(values, self.initial.tolist())]
+        mean_ratio = sum(ratios) / t
+        gw = [a * b for a, b in zip(w, n)]
+        mean_g = sum(gw) / t
+        new = []
+        for wi, gi, ri, ni in zip(w, gw, ratios, n):
+            diff = gi - mean_g * (ri / mean_ratio) ** alpha
+            new.append(max(wi - lr * ((diff > 0) - (diff < 0)) * ni, low))
+        total = sum(new)
+        self.w = torch.tensor([v * (t / total) for v in new], dtype=self.w.dtype)
+
+
+def linear_norms(h: Tensor, grads: Tensor) -> Tensor:
+    """``||dW_t||`` over a Linear's weight and bias from its inputs ``h`` ``(N, d_in)`` and the
+    per-task output gradients ``grads`` ``(N, T, d_out)``, by the cheaper of the two exact
+    formulas: one ``(d_in + 1, N) @ (N, T·d_out)`` GEMM whose squares are summed per task, or
+    (small batches) the ghost norm ``<G_t G_t^T, H H^T>`` with ``H`` the inputs and a column of ones."""
+    n, t, d_out = grads.shape
+    rows = torch.cat([h, h.new_ones(n, 1)], dim=1)
+    d_in = rows.shape[1]
+    if n * n * (d_in + t * d_out) < t * d_in * d_out * n:  # the ghost norm is cheaper
+        per_task = grads.transpose(0, 1)  # (T, N, d_out)
+        gram = torch.bmm(per_task, per_task.transpose(1, 2)) * (rows @ rows.T)
+        return gram.sum(dim=(1, 2)).clamp_min_(0).sqrt_()
+    return (rows.T @ grads.reshape(n, -1)).square_().sum(dim=0).view(t, -1).sum(dim=1).sqrt_()
+
+
+class NormArithmetic(PlainSum):
+    """The plain step plus the exact per-task norms' arithmetic alone: the floor of every exact method.
+
+    Not a method (it has no weights and balances nothing): after the plain summed-loss
+    backward it computes what every exact GradNorm must compute on top of it, the ``T``
+    per-task norms over the shared layer's parameters, from the layer's real input and a
+    stand-in ``(N, T, ...)`` block of per-task output gradients (made once; a real method
+    gets it from the backward). A shared ``Linear``: :func:`linear_norms`. A shared
+    ``Conv2d``: every task's weight and bias gradient in one ``convolution_backward`` with the
+    tasks stacked along the output channels (one unfolding of the input, one GEMM), then
+    their squares summed per task. No hooks, no fan-out, no update, no checks.
+    """
+
+    name = "plain step + the exact per-task norms' arithmetic alone (not a method; floor of every exact method)"
+
+    def __init__(self, wl: Workload, model: MultiTaskNet) -> None:
+        super().__init__(wl, model)
+        layer = model.shared_layer
+        if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or isinstance(layer.padding, str)):
+            raise ValueError("NormArithmetic needs a Conv2d with groups=1 and numeric padding.")
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise ValueError("NormArithmetic needs a shared Linear or Conv2d.")
+        self.layer = layer
+        self._inputs: list[Tensor] = []
+        layer.register_forward_hook(lambda _m, inp, _out: self._inputs.append(inp[0].detach()))
+        self._grads: Tensor | None = None
+        self.last_norms: Tensor | None = None
+
+    def _stand_in(self, h: Tensor) -> Tensor:
+        """The ``(N, T, *output)`` block of per-task output gradients (random, made once)."""
+        if self._grads is None or self._grads.shape[0] != h.shape[0]:
+            with torch.no_grad():
+                out = self.layer(h[:1])
+            gen = torch.Generator().manual_seed(0)
+            shape = (h.shape[0], self.wl.num_tasks, *out.shape[1:])
+            self._grads = torch.randn(shape, generator=gen, dtype=h.dtype).to(h.device)
+        return self._grads
+
+    def step(self, batch: Batch) -> None:
+        """The plain step, with the norms' arithmetic between its backward and its optimizer step."""
+        x, ys = batch
+        self.opt.zero_grad(set_to_none=True)
+        loss = torch.stack(self.model.task_losses(self.model(x), ys)).sum()
+        loss.backward()
+        h = self._inputs.pop()
+        self._inputs.clear()
+        grads = self._stand_in(h)
+        if isinstance(self.layer, nn.Linear):
+            self.last_norms = linear_norms(h.flatten(1), grads)
+        else:
+            self.last_norms = self._conv_norms(h, grads)
+        self.opt.step()
+
+    def _conv_norms(self, h: Tensor, grads: Tensor) -> Tensor:
+        layer = self.layer
+        assert isinstance(layer, nn.Conv2d)
+        n, t, c_out = grads.shape[:3]
+        weight = layer.weight
+        stacked = grads.reshape(n, t * c_out, *grads.shape[3:])  # (batch-major storage: a free reshape)
+        # the weight's values are not read for weight and bias gradients, only its shape
+        _, dw, db = torch.ops.aten.convolution_backward(
+            stacked, h, weight.new_empty((t * c_out, *weight.shape[1:])), [t * c_out], layer.stride,
+            layer.padding, layer.dilation, False, [0, 0], 1, [False, True, True],
+        )
+        squares = dw.reshape(t, -1).square().sum(dim=1) + db.reshape(t, -1).square().sum(dim=1)
+        return squares.sqrt_()
 
 
 def project_available() -> bool:
@@ -438,6 +532,7 @@ def method_factories(include_project: bool | None = None, wl: Workload | None = 
         ("libmtl", LibMTLStyle),
         ("libmtl-rep", LibMTLRepGrad),
         ("minimal", MinimalExact),
+        ("arithmetic", NormArithmetic),
     ]
     if include_project is None:
         include_project = project_available()

@@ -33,7 +33,7 @@ def test_every_row_follows_its_textbook_trajectory(name: str) -> None:
     wl = workloads.workload(name, tiny=True)
     results = measure.check_trajectories(wl, steps=8, keys=_keys(), verbose=False)
     by_key = {r.key: r for r in results}
-    expected = {k for k in _keys(wl) if k != "plain"}
+    expected = {k for k in _keys(wl) if k not in ("plain", "arithmetic")}  # (rows without weights)
     assert set(by_key) == expected
     assert ("minimal" in by_key) == (name != "dense")  # the floor reference: shared Linear workloads only
     for r in results:
@@ -80,6 +80,28 @@ def test_the_floor_reference_row_is_exact_and_refuses_other_models() -> None:
     assert "minimal" not in dict(methods.method_factories(wl=dense))
     with pytest.raises(ValueError, match="shared Linear"):
         methods.MinimalExact(dense, workloads.build_model(dense))
+
+
+@pytest.mark.parametrize("name", workloads.WORKLOADS)
+def test_the_arithmetic_row_computes_the_exact_norms_of_its_stand_in_gradients(name: str) -> None:
+    """The arithmetic floor row does the real work: its norms are those of ``autograd.grad``
+    through the shared layer with its stand-in per-task output gradients."""
+    wl = workloads.workload(name, tiny=True)
+    model = workloads.build_model(wl, dtype=torch.float64)
+    row = methods.NormArithmetic(wl, model)
+    (batch,) = workloads.make_batches(wl, 1, dtype=torch.float64)
+    layer = model.shared_layer
+    h = model.trunk[:-2](batch[0]).detach()  # the layer's input in this step (the step changes the trunk)
+    row.step(batch)
+    assert row.last_norms is not None and row._grads is not None
+    out = layer(h.flatten(1) if isinstance(layer, torch.nn.Linear) else h)  # (weight gradients do not read the weights)
+    params = list(layer.parameters())
+    want = torch.stack([
+        torch.cat([g.flatten() for g in torch.autograd.grad(out, params, row._grads[:, t], retain_graph=True)]).norm()
+        for t in range(wl.num_tasks)
+    ])
+    torch.testing.assert_close(row.last_norms, want, rtol=1e-12, atol=0)
+    assert row.weights() is None  # not a method: no trajectory to check
 
 
 @pytest.mark.skipif(not HAS_GNP, reason="the full table includes the gradnorm-pytorch row: pip install '.[bench]'")
