@@ -70,12 +70,20 @@ HEADER = (
 )
 
 
+def package_version(pkg: str) -> str:
+    """The installed version of a distribution, or ``"not installed"``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def machine_info() -> list[str]:
     """CPU model, core count, versions and thread setting, as Markdown bullet lines."""
     import os
     import subprocess
-    from importlib import metadata
-
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as fh:
@@ -85,12 +93,6 @@ def machine_info() -> list[str]:
                     break
     except OSError:
         pass
-
-    def version(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "not installed"
 
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -105,7 +107,7 @@ def machine_info() -> list[str]:
     return [
         f"- CPU: {cpu} ({os.cpu_count()} logical cores visible), no GPU used",
         f"- torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}",
-        f"- lightning {version('lightning')}, gradnorm-pytorch {version('gradnorm-pytorch')}, "
+        f"- lightning {package_version('lightning')}, gradnorm-pytorch {package_version('gradnorm-pytorch')}, "
         f"python {platform.python_version()}",
         f"- project commit {commit or '?'}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
     ]

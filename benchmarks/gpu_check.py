@@ -48,6 +48,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 
 import torch
 
+from benchmarks.bench_step import package_version
 from benchmarks.measure import check_trajectories, time_interleaved
 from benchmarks.methods import Method, ProjectGradNorm, method_factories
 from benchmarks.workloads import Batch, Workload, build_model, make_batches, workload
@@ -273,22 +274,14 @@ def benchmark_rows(names: Sequence[str], steps: int, warmup: int, check_steps: i
 
 def machine_lines() -> list[str]:
     """The GPU, the versions, the commit."""
-    from importlib import metadata
-
     props = torch.cuda.get_device_properties(0)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
                             check=False).stdout.strip()
 
-    def version(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
     return [f"- GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), "
             f"CUDA {torch.version.cuda}",
-            f"- torch {torch.__version__}, lightning {version('lightning')}, gradnorm-pytorch "
-            f"{version('gradnorm-pytorch')}, python {sys.version.split()[0]}",
+            f"- torch {torch.__version__}, lightning {package_version('lightning')}, gradnorm-pytorch "
+            f"{package_version('gradnorm-pytorch')}, python {sys.version.split()[0]}",
             f"- project commit {commit or '? (no git here)'}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", ""]
 
 
