@@ -359,10 +359,21 @@ def _random_conv(seed: int) -> tuple[nn.Module, tuple[int, ...], bool]:
 
 @pytest.mark.parametrize("seed", range(40))
 @pytest.mark.parametrize("views", [False, True], ids=["heads", "views"])
-def test_conv_rule_is_exact_over_generated_convolutions(seed: int, views: bool) -> None:
+@pytest.mark.parametrize("per_task", [False, True], ids=["vmap", "per-task-calls"])
+def test_conv_rule_is_exact_over_generated_convolutions(
+    seed: int, views: bool, per_task: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Generated convolutions (1-3 spatial dims, stride, padding, dilation, groups, bias frozen
     or not, unbatched input, string padding and reflect padding, which the rule declines) give
-    the per-task norms of ``autograd.grad``; where the rule applies, with no autograd call."""
+    the per-task norms of ``autograd.grad``; where the rule applies, with no autograd call.
+    Both ways the rule calls ``convolution_backward`` (batched by vmap, or once per task for
+    large products) are forced in turn, and the one forced is checked to have run."""
+    from gradnorm_lightning.capture import norms
+
+    monkeypatch.setattr(norms, "_LOOP_MACS", 0 if per_task else 10**18)
+    vmaps: list[int] = []
+    vmap = torch.func.vmap
+    monkeypatch.setattr(torch.func, "vmap", lambda *a, **k: vmaps.append(1) or vmap(*a, **k))
     conv, shape, rule_applies = _random_conv(seed)
     torch.manual_seed(seed)
     x = torch.randn(*shape, dtype=F64)
@@ -389,3 +400,4 @@ def test_conv_rule_is_exact_over_generated_convolutions(seed: int, views: bool) 
     gn.step()
     check(gn, ref, "views" if views else "heads")
     assert (calls == []) == rule_applies
+    assert bool(vmaps) == (rule_applies and not per_task)

@@ -25,6 +25,7 @@ pass). ``GRADNORM_DIFF_FULL=1`` runs the product of the model axes (``model_zoo.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -280,6 +281,34 @@ def test_auto_matches_autograd(spec: Spec) -> None:
 def test_task_views_match_autograd(spec: Spec) -> None:
     """``mode="auto"`` with ``task_views``: each head reads its own view."""
     _check_route(spec, "auto", views=True)
+
+
+@pytest.mark.parametrize(
+    ("spec", "views"),
+    [(s, False) for s in SPECS] + [(s, True) for s in VIEW_SPECS],
+    ids=[f"{s.id}-heads" for s in SPECS] + [f"{s.id}-views" for s in VIEW_SPECS],
+)
+def test_per_task_calls_match_autograd(spec: Spec, views: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The code paths taken for large tensors, forced on the (small) generated models: every
+    vector-Jacobian product as one ``autograd.grad`` per task (the shared part crossed task by
+    task, its results kept as rows), and a convolution's per-task weight gradients by one
+    ``convolution_backward`` per task. Checked to have run: no batched ``autograd.grad`` at all."""
+    from gradnorm_lightning.capture import norms
+
+    monkeypatch.setattr(norms, "LOOP_NUMEL", 0)
+    monkeypatch.setattr(norms, "_LOOP_MACS", 0)
+    batched: list[int] = []
+    grad = torch.autograd.grad
+
+    def counting_grad(*args: Any, **kwargs: Any) -> Any:
+        batched.extend([1] if kwargs.get("is_grads_batched") else [])
+        return grad(*args, **kwargs)
+
+    with contextlib.suppress(Exception):  # (the baseline, before the spy; its error is reported below)
+        _cached(spec, "autograd")
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    _check_route(spec, "auto", views=views)
+    assert not batched, f"[{spec.id}] {len(batched)} batched autograd.grad call(s) with the per-task paths forced"
 
 
 def _clone_output(out: Any) -> Any:

@@ -30,8 +30,8 @@ from torch.autograd.graph import GradientEdge
 
 from gradnorm_lightning._arrays import as_dtype
 from gradnorm_lightning._compat import apply_node
+from gradnorm_lightning.capture import norms
 from gradnorm_lightning.capture.calls import LayerCall, ViewBase
-from gradnorm_lightning.capture.norms import batched_vjp
 from gradnorm_lightning.capture.routes import Plan, unreached_message
 from gradnorm_lightning.capture.stats import Accumulator, Factored, safe_norms
 
@@ -63,19 +63,37 @@ class _TaskGrads:
         if other.block is not None:
             self.add_block(other.block, other.owned)
 
+    def task(self, task: int) -> Tensor | None:
+        """One task's gradient (``None`` when it has none here)."""
+        row = self.rows.get(task)
+        if self.block is None:
+            return row
+        return self.block[task] if row is None else row + self.block[task]
+
+    def task_numel(self) -> int:
+        """Elements of one task's gradient."""
+        if self.rows:
+            return next(iter(self.rows.values())).numel()
+        assert self.block is not None
+        return self.block[0].numel()
+
     def stacked_is_owned(self) -> bool:
         """Whether :meth:`stacked` returns a tensor of this step's own (made here, or owned)."""
         return bool(self.rows) or self.owned
 
-    def stacked(self, num_tasks: int) -> Tensor:
-        """All of it as one ``(T, *shape)`` tensor (zeros for tasks without a row)."""
+    def stacked(self, num_tasks: int, batch_major: bool = True) -> Tensor:
+        """All of it as one ``(T, *shape)`` tensor (zeros for tasks without a row), stored
+        batch-major ``(N, T, ...)`` (the Linear rule's product is then one GEMM) or task-major
+        (each task's gradient contiguous, as a rule calling a backward once per task reads it)."""
         out = self.block
         if self.rows:
             ref = next(iter(self.rows.values()))
             zero = torch.zeros_like(ref) if len(self.rows) < num_tasks else ref
             rows = [self.rows.get(t, zero) for t in range(num_tasks)]
-            # batch-major storage (N, T, ...): the Linear rule's product is then one GEMM
-            stacked = torch.stack(rows, dim=1).transpose(0, 1) if ref.dim() else torch.stack(rows)
+            if batch_major and ref.dim():
+                stacked = torch.stack(rows, dim=1).transpose(0, 1)
+            else:
+                stacked = torch.stack(rows)
             out = stacked if out is None else out + stacked
         assert out is not None
         return out
@@ -127,6 +145,8 @@ class StepCapture:
             e: (call, base) for call in plan.calls for e, base in call.sink_edges()
         } if plan.outputs_sink else {}
         self._stops_left: set[Any] = set()
+        # how the per-task gradients reaching the sink are stacked (see _TaskGrads.stacked)
+        self._batch_major = plan.rule is None or norms.reads_batch_major(plan.rule[1])
         self.scale: Tensor = values  # the backward's scale c (0-dim): set when the backward starts
 
     # ------------------------------------------------------------------ hooks
@@ -259,19 +279,19 @@ class StepCapture:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
-        moving: list[tuple[GradientEdge, Tensor]] = []
+        moving: list[tuple[GradientEdge, _TaskGrads]] = []
         for edge, grads in pending.items():
             if edge in self._sink_edges:
                 self._buffers.setdefault(edge, _TaskGrads()).merge(grads)
             else:
-                moving.append((edge, grads.stacked(self.num_tasks)))
+                moving.append((edge, grads))
         if not moving:
             return
         elementwise = self.plan.elementwise
         if elementwise is not None and len(moving) == 1 and moving[0][0].node is elementwise:
             # one elementwise function: its VJP is a product with f'(x), the same for all tasks;
             # the result waits at the layer's output edge for that node's pre-hook
-            block = moving[0][1]
+            block = moving[0][1].stacked(self.num_tasks, self._batch_major)
             self._busy = True
             try:
                 diag = apply_node(elementwise, torch.ones_like(block[0]))[0]
@@ -285,16 +305,44 @@ class StepCapture:
             return
         targets: list[GradientEdge] | list[nn.Parameter]
         targets = list(self._sink_edges) if self.plan.outputs_sink else list(self.plan.params)
-        out = self._vjp([e for e, _ in moving], [g for _, g in moving], targets)
+        if sum(grads.task_numel() for _, grads in moving) >= norms.LOOP_NUMEL:
+            self._vjp_per_task(moving, targets)
+            return
+        out = self._vjp([e for e, _ in moving], [g.stacked(self.num_tasks) for _, g in moving], targets)
         if self.plan.outputs_sink:
             self._deliver(list(self._sink_edges), out)
         else:
             self._add_dense(out)
 
+    def _vjp_per_task(self, moving: list[tuple[GradientEdge, _TaskGrads]], targets: Sequence[Any]) -> None:
+        """Large gradients: one ``autograd.grad`` per task from the edges where that task has a
+        gradient, delivered as rows (no ``(T, ...)`` block is stacked before or after, and a task
+        crosses only the part of the graph its own gradients enter)."""
+        dense = None if self.plan.outputs_sink else self._dense_buffer()
+        for task in range(self.num_tasks):
+            pairs = [(edge, g) for edge, grads in moving if (g := grads.task(task)) is not None]
+            if not pairs:
+                continue
+            self._busy = True
+            try:
+                out = torch.autograd.grad(
+                    [e for e, _ in pairs], targets, [g for _, g in pairs], retain_graph=True, allow_unused=True
+                )
+            finally:
+                self._busy = False
+            if dense is not None:
+                self._write(dense, task, out)
+                continue
+            for edge, g in zip(targets, out):
+                if g is not None:
+                    self._buffers.setdefault(edge, _TaskGrads()).add(task, g)
+        if dense is not None:
+            self._accumulator().add(dense.masked_fill_(~self.present[:, None], 0.0))
+
     def _vjp(self, outputs: list[GradientEdge], grads: list[Tensor], inputs: Sequence[Any]) -> list[Tensor | None]:
         self._busy = True
         try:
-            return batched_vjp(outputs, grads, inputs)
+            return norms.batched_vjp(outputs, grads, inputs)
         finally:
             self._busy = False
 
@@ -335,7 +383,7 @@ class StepCapture:
             if buffer is None:
                 continue
             call, base = self._sink_edges[edge]
-            stacked = buffer.stacked(self.num_tasks)
+            stacked = buffer.stacked(self.num_tasks, self._batch_major)
             grads = base.cut(stacked) if base is not None else stacked  # a rebased view: its part of the base's
             if self.plan.representation:
                 acc.add_rep_norms(torch.where(self.present, safe_norms(grads.to(dtype), self.present), 0.0))
