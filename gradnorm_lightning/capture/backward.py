@@ -242,6 +242,15 @@ class StepCapture:
 
         return prehook
 
+    def views_layout(self, numel: int) -> str | None:
+        """How the views' node hands over the per-task gradients (``numel`` elements each; see
+        :data:`~gradnorm_lightning.capture.views.ViewsLayout`): one block in the layout the sink
+        reads, directly or across an elementwise function; for a part of the graph to cross by
+        VJPs, a block for one batched VJP (small) or the gradients alone for one VJP per task (large)."""
+        if self.plan.views_edge in self._sink_edges or self.plan.elementwise is not None:
+            return "batch" if self._batch_major else "task"
+        return "batch" if numel < norms.LOOP_NUMEL else None
+
     def on_views(self, grads: tuple[Tensor | None, ...], stacked: Tensor | None = None) -> None:
         """The views' backward: every task's gradient at the aliased tensor (``stacked``: all of
         them as one ``(T, ...)`` block of this step's own, when every view was read)."""

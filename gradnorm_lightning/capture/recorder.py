@@ -80,6 +80,9 @@ class _ViewsLink:
         if self.capture is not None:
             self.capture.on_views(grads, stacked)
 
+    def layout(self, numel: int) -> str | None:
+        return self.capture.views_layout(numel) if self.capture is not None else "batch"
+
 
 def _rank_zero() -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -185,7 +188,7 @@ class Recorder:
             return tuple(z.view_as(z) for _ in range(num_tasks))
         link = _ViewsLink(get_gradient_edge(z))
         self._views = link
-        return fan_out(z, num_tasks, link.deliver)
+        return fan_out(z, num_tasks, link.deliver, link.layout)
 
     def _accumulator(self, like: Tensor, num_tasks: int) -> Accumulator:
         if self._acc is None:

@@ -5,7 +5,8 @@ head reads its own alias, that node's backward receives every task's gradient at
 separately, during the model's own backward, before they are summed: the per-task gradients
 cost no extra pass. The node hands them to a callback (held weakly) and returns their sum, so
 the model's gradients are unchanged. When every view was read, the gradients are stacked once,
-into the block the callback receives and the sum is taken from (no second copy).
+into the block the callback receives and the sum is taken from (no second copy), in the memory
+layout the callback's ``layout`` asks for, or not at all where it wants the gradients alone.
 """
 
 from __future__ import annotations
@@ -21,15 +22,24 @@ from gradnorm_lightning.capture._refs import weak_callable
 __all__ = ["fan_out"]
 
 ViewsCallback = Callable[[tuple[Tensor | None, ...], Tensor | None], None]
+#: ``layout(numel)``: how the per-task gradients of ``numel`` elements each are handed over when
+#: every view was read: ``"batch"`` (one ``(T, ...)`` block stored batch-major, ``(N, T, ...)``
+#: in memory), ``"task"`` (one block, each task's gradient contiguous) or ``None`` (no block).
+ViewsLayout = Callable[[int], "str | None"]
 
 
 class _Slot:
     """What the views' node calls back; weak, so the graph does not keep the recorder alive."""
 
-    __slots__ = ("_ref",)
+    __slots__ = ("_layout", "_ref")
 
-    def __init__(self, callback: ViewsCallback) -> None:
+    def __init__(self, callback: ViewsCallback, layout: ViewsLayout | None) -> None:
         self._ref = weak_callable(callback)
+        self._layout = None if layout is None else weak_callable(layout)
+
+    def layout(self, numel: int) -> str | None:
+        fn = None if self._layout is None else self._layout()
+        return "batch" if fn is None else fn(numel)
 
     def __call__(self, grads: tuple[Tensor | None, ...], stacked: Tensor | None) -> None:
         callback = self._ref()
@@ -49,18 +59,23 @@ class _FanOut(torch.autograd.Function):
         used = [g for g in grads if g is not None]
         if not used:
             return None, None, None
-        if len(used) == len(grads) and len(used) > 1 and used[0].dim() > 0:
-            # batch-major storage (N, T, ...): a Linear rule's product reads it as one GEMM operand
-            stacked = torch.stack(used, dim=1)
-            total = stacked.sum(dim=1)  # (taken before the callback, which may overwrite the block)
-            ctx.slot(grads, stacked.transpose(0, 1))
+        layout = ctx.slot.layout(used[0].numel()) if len(used) == len(grads) > 1 and used[0].dim() else None
+        if layout is not None:
+            # "batch": (N, T, ...) in memory, one GEMM operand of a Linear rule's product; "task": each task contiguous
+            stacked = torch.stack(used, dim=1) if layout == "batch" else torch.stack(used)
+            total = stacked.sum(dim=1 if layout == "batch" else 0)  # (before the callback may overwrite it)
+            ctx.slot(grads, stacked.transpose(0, 1) if layout == "batch" else stacked)
             return total, None, None
         ctx.slot(grads, None)
-        total = used[0] if len(used) == 1 else torch.stack(used).sum(dim=0)
+        if len(used) == 1:
+            return used[0], None, None
+        total = used[0] + used[1]
+        for g in used[2:]:
+            total.add_(g)
         return total, None, None
 
 
-def fan_out(z: Tensor, num_tasks: int, callback: ViewsCallback) -> tuple[Tensor, ...]:
+def fan_out(z: Tensor, num_tasks: int, callback: ViewsCallback, layout: ViewsLayout | None = None) -> tuple[Tensor, ...]:
     """``num_tasks`` aliases of ``z`` whose backward calls ``callback(grads)`` with one gradient per view.
 
     Args:
@@ -71,6 +86,8 @@ def fan_out(z: Tensor, num_tasks: int, callback: ViewsCallback) -> tuple[Tensor,
             view) and, when every view was read (and ``z`` is not 0-dim), the same gradients
             stacked as one ``(T, *z.shape)`` tensor (else ``None``), which is the callback's to
             overwrite. A bound method is held weakly.
+        layout: how that block is laid out, or that none is made (see :data:`ViewsLayout`;
+            held like ``callback``); by default one batch-major block.
 
     Returns:
         The views, in task order.
@@ -84,4 +101,4 @@ def fan_out(z: Tensor, num_tasks: int, callback: ViewsCallback) -> tuple[Tensor,
         >>> seen[0].tolist(), z.grad.tolist()
         ([[2.0, 2.0], [3.0, 3.0]], [5.0, 5.0])
     """
-    return _FanOut.apply(z, _Slot(callback), num_tasks)
+    return _FanOut.apply(z, _Slot(callback, layout), num_tasks)
