@@ -2,11 +2,12 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_step.py [--steps N] [--warmup N] [--workload toy|conv|dense|all] [--out FILE.md]
+    python benchmarks/bench_step.py [--steps N] [--warmup N] [--workload toy|conv|dense|convbn|all] [--out FILE.md]
 
 What it does, per workload (:mod:`benchmarks.workloads`: the GradNorm paper's toy
 regression; a conv trunk whose last shared layer is ``Linear(4096, 256)``; a dense-prediction
-model whose last shared layer is ``Conv2d(128, 128, 3)``), for every row of
+model whose last shared layer is ``Conv2d(128, 128, 3)``; a ``Conv2d -> BatchNorm2d -> ReLU``
+block whose convolution is shared, so that the part above it is not elementwise), for every row of
 :mod:`benchmarks.methods`:
 
 1. **Trajectory check** (float64, 50 steps, same init, same data, same ``lr``/``alpha``):

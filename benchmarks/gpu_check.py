@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("(c) Lightning fits in 32-true, bf16-mixed and 16-mixed (GradScaler)",
          lambda: precision_fits(("toy", "dense"), 10 if args.quick else 40)),
         ("(d) benchmark rows on the GPU (step ÷ plain summed-loss step, interleaved, synchronised per step)",
-         lambda: benchmark_rows(("toy", "conv", "dense"), steps, args.warmup, 10 if args.quick else 50, 16)),
+         lambda: benchmark_rows(("toy", "conv", "dense", "convbn"), steps, args.warmup, 10 if args.quick else 50, 16)),
     ]
     failed = []
     for title, part in parts:

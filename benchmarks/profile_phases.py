@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/profile_phases.py [--workload toy|conv|dense] [--views] [--steps N]
+    python benchmarks/profile_phases.py [--workload toy|conv|dense|convbn] [--views] [--steps N]
 
 The plain summed-loss step and the GradNorm step (``gn.combine`` → ``backward`` →
 ``gn.step`` → ``opt.step``) of the same workload are interleaved step by step (one thread,

@@ -1,11 +1,14 @@
 """The benchmark workloads: sizes, models, synthetic data and per-task losses.
 
-Three workloads, each a shared trunk ending in ``shared layer -> ReLU`` and ``T`` heads:
+Four workloads, each a shared trunk ending in ``shared layer -> activation`` and ``T`` heads:
 
-* ``toy``: the GradNorm paper's regression toy (T=10), shared ``Linear(100, 100)``;
-* ``conv``: a conv trunk flattened to 4096 features, shared ``Linear(4096, 256)``, T=4;
-* ``dense``: dense prediction, a conv encoder, shared ``Conv2d(128, 128, 3)``, three conv
-  decoders with per-pixel losses (segmentation, depth, surface normals).
+* ``toy``: the GradNorm paper's regression toy (T=10), shared ``Linear(100, 100)`` + ReLU;
+* ``conv``: a conv trunk flattened to 4096 features, shared ``Linear(4096, 256)`` + ReLU, T=4;
+* ``dense``: dense prediction, a conv encoder, shared ``Conv2d(128, 128, 3)`` + ReLU, three conv
+  decoders with per-pixel losses (segmentation, depth, surface normals);
+* ``convbn``: the common ``Conv2d -> BatchNorm2d -> ReLU`` block with the convolution shared:
+  what the tasks share above the shared layer is not elementwise (batch statistics), so every
+  task's gradient crosses it by a backward of its own; T=4 pooled conv heads.
 
 Every model is a :class:`MultiTaskNet`, so the methods in :mod:`benchmarks.methods` treat
 them alike: ``trunk[-2]`` is the last shared layer, ``trunk`` all shared parameters.
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 
 Batch = tuple[Tensor, list[Tensor]]
 LossFn = Callable[[Sequence[Tensor], Sequence[Tensor]], list[Tensor]]
-WORKLOADS = ("toy", "conv", "dense")
+WORKLOADS = ("toy", "conv", "dense", "convbn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,22 +33,24 @@ class Workload:
     """Sizes and hyper-parameters of one benchmark workload.
 
     Attributes:
-        name: ``"toy"``, ``"conv"`` or ``"dense"`` (tiny test variants keep the same names).
+        name: one of :data:`WORKLOADS` (tiny test variants keep the same names).
         num_tasks: ``T`` (3 for ``dense``: segmentation, depth, normals).
         batch: batch size.
         in_dim, hidden, head_out: toy sizes (input, trunk width, head output); ``head_out``
             is also the conv heads' output width.
-        image: input image ``C×H×W`` (conv and dense).
+        image: input image ``C×H×W`` (conv, dense and convbn).
         channels: the two encoder convolutions' channels (conv and dense; for dense the
-            shared layer is ``Conv2d(channels[1], channels[1], 3)``).
+            shared layer is ``Conv2d(channels[1], channels[1], 3)``; for convbn the stem's and
+            the shared ``Conv2d(channels[0], channels[1], 3)``'s output channels).
         feat: width of the conv workload's shared ``Linear(flat, feat)``.
-        decoder: hidden channels of each dense decoder.
+        decoder: hidden channels of each dense decoder and of each convbn head's convolution.
         classes: segmentation classes of the dense workload.
         model_lr: SGD learning rate of the model.
         alpha, weight_lr: GradNorm's asymmetry and weight learning rate.
         min_weight: floor the weights are clamped to before renormalisation.
         check_horizon: the most steps the float64 trajectory check may compare (``None``: no
-            limit). On ``dense`` the SGD weights reach the floor at step ~34 and bounce on it
+            limit). On ``convbn`` for time only: float64 convolutions on the CPU (no oneDNN
+            kernels) take about 9 s a step for all rows together. On ``dense`` the SGD weights reach the floor at step ~34 and bounce on it
             from then on; rounding differences between any two exact implementations (1e-16 at
             step 0) then grow about exponentially (measured: to 1e-4 by step 49, while this
             project's default and ``mode="autograd"`` rows stay bitwise equal to each other), so
@@ -83,6 +88,11 @@ class Workload:
             return (f"GradNorm paper toy: T={self.num_tasks}, input {self.in_dim}, trunk 4×(Linear(·,{self.hidden})"
                     f"+ReLU), heads Linear({self.hidden},{self.head_out}), batch {self.batch}, MSE per task; "
                     f"shared layer = last trunk Linear ({self.hidden}×{self.hidden}+{self.hidden}).")
+        if self.name == "convbn":
+            return (f"Conv-BatchNorm-ReLU: {c}×{h}×{w} input, stem Conv({c1})-ReLU, shared Conv2d({c1},{c2},3) "
+                    f"then BatchNorm2d({c2})+ReLU (not elementwise: each task's gradient crosses it by a backward "
+                    f"of its own); T={self.num_tasks} heads Conv({c2},{self.decoder},3)-ReLU-global average "
+                    f"pool-Linear({self.decoder},{self.head_out}), batch {self.batch}, MSE per task.")
         if self.name == "conv":
             return (f"Conv trunk: {c}×{h}×{w} input, Conv({c1})-ReLU-Pool-Conv({c2})-ReLU-Pool "
                     f"-> {self.flat} features -> shared Linear({self.flat},{self.feat})+ReLU; T={self.num_tasks} "
@@ -118,9 +128,18 @@ def dense_workload(tiny: bool = False) -> Workload:
                     classes=7, model_lr=1e-2, check_horizon=20)
 
 
+def convbn_workload(tiny: bool = False) -> Workload:
+    """Conv-BatchNorm-ReLU on 3×32×32: stem Conv(16), shared Conv2d(16, 32, 3), BatchNorm, T=4, batch 16."""
+    if tiny:
+        return Workload("convbn", num_tasks=3, batch=4, image=(2, 6, 6), channels=(3, 4), decoder=3,
+                        head_out=2, model_lr=1e-2)
+    return Workload("convbn", num_tasks=4, batch=16, image=(3, 32, 32), channels=(16, 32), decoder=8,
+                    head_out=10, model_lr=1e-2, check_horizon=20)
+
+
 def workload(name: str, tiny: bool = False) -> Workload:
     """The workload called ``name`` (one of :data:`WORKLOADS`)."""
-    makers = {"toy": toy_workload, "conv": conv_workload, "dense": dense_workload}
+    makers = {"toy": toy_workload, "conv": conv_workload, "dense": dense_workload, "convbn": convbn_workload}
     if name not in makers:
         raise ValueError(f"`name` must be one of {WORKLOADS}; got {name!r}.")
     return makers[name](tiny=tiny)
@@ -143,9 +162,10 @@ def dense_losses(outs: Sequence[Tensor], targets: Sequence[Tensor]) -> list[Tens
 
 
 class MultiTaskNet(nn.Module):
-    """A shared trunk ending in ``shared layer -> ReLU`` and ``T`` heads.
+    """A shared trunk ending in ``shared layer -> activation`` and ``T`` heads.
 
-    ``trunk[-2]`` is the last shared layer. ``view_fn``, when set, maps the shared
+    ``trunk[-2]`` is the last shared layer, ``trunk[-1]`` what follows it (a ReLU, or
+    BatchNorm + ReLU). ``view_fn``, when set, maps the shared
     representation to one tensor per head (the ``task_views`` path). ``task_losses`` turns
     the head outputs and the targets into the per-task losses.
     """
@@ -221,6 +241,16 @@ def build_model(wl: Workload, seed: int = 0, dtype: torch.dtype = torch.float32,
         )
         heads = nn.ModuleList([_dense_head(wl, wl.classes), _dense_head(wl, 1), _dense_head(wl, 3)])
         losses = dense_losses
+    elif wl.name == "convbn":
+        trunk = nn.Sequential(
+            nn.Conv2d(c, c1, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.Sequential(nn.BatchNorm2d(c2), nn.ReLU()),
+        )
+        heads = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c2, wl.decoder, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(wl.decoder, wl.head_out))
+            for _ in range(wl.num_tasks)
+        )
     else:
         raise ValueError(f"`wl.name` must be one of {WORKLOADS}; got {wl.name!r}.")
     return MultiTaskNet(trunk, heads, losses).to(device=device, dtype=dtype)
@@ -250,7 +280,7 @@ def make_batches(wl: Workload, n: int, seed: int = 1, dtype: torch.dtype = torch
 
     Toy (as in the paper): ``y_i = sigma_i * tanh((B + eps_i) x)`` with ``B ~ N(0, 10)``,
     ``eps_i ~ N(0, 3.5)``, ``sigma_i`` spread over ``[1, T]``. Conv: ``y_i = sigma_i *
-    tanh(P_i x_flat)`` with fixed random projections ``P_i``. Dense: per-pixel targets from
+    tanh(P_i x_flat)`` with fixed random projections ``P_i`` (convbn too). Dense: per-pixel targets from
     fixed random 3×3 convolutions ``P`` of the image: class labels ``argmax P_seg x``,
     depth ``10 tanh(P_depth x)``, unit normals ``P_normals x / ||P_normals x||``. The data
     are made on the CPU (the same numbers for every device) and then moved to ``device``.
