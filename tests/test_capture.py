@@ -134,7 +134,7 @@ def test_tuple_output_layers(make, read) -> None:
 
 
 def test_conv_shared_layer_with_conv_heads_needs_no_extra_pass() -> None:
-    """The issue's fourth case: the heads' capture works for a Conv2d (rule: grouped conv backward)."""
+    """The issue's fourth case: the heads' capture works for a Conv2d (rule: convolution backward)."""
     torch.manual_seed(0)
     shared = nn.Conv2d(3, 4, 3, padding=1).double()
     heads = [nn.Conv2d(4, 2, 3, padding=1).double() for _ in range(3)]

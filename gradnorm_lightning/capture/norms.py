@@ -5,8 +5,11 @@ Given the per-task gradients ``G`` ``(T, *output.shape)`` at the shared layer's 
 whose norms are cheap: :class:`~gradnorm_lightning.capture.stats.Factored` for
 ``nn.Linear`` (ghost norm, never materialised), or a dense ``(T, P)`` tensor. Rules are keyed
 by layer type (the most derived registered type wins) and may decline a layer (return
-``None``); every layer without an applicable rule gets the generic exact rule, one batched
-vector-Jacobian product through the layer's own autograd nodes (:func:`batched_vjp`).
+``None``); every layer without an applicable rule gets the generic exact rule, the
+vector-Jacobian products through the layer's own autograd nodes (:func:`batched_vjp`: batched
+for small gradients, one per task for large ones). A rule is handed ``G`` batch-major in memory
+(``(N, T, ...)``) when :func:`reads_batch_major` says so (the Linear rule), else each task's
+gradient contiguous.
 
 Register a rule for your own layer with :func:`register_norm_rule`.
 """
@@ -101,7 +104,7 @@ def reads_batch_major(rule: NormRule) -> bool:
     return rule is _linear_rule
 
 
-@register_norm_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, name="grouped convolution backward")
+@register_norm_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, name="convolution backward")
 def _conv_rule(layer: nn.Module, call: LayerCall, grads: Tensor, dtype: torch.dtype) -> Tensor | None:
     assert isinstance(layer, nn.modules.conv._ConvNd)
     names = _trained(call, {"weight", "bias"})
