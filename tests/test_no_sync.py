@@ -76,9 +76,10 @@ class Model(nn.Module):
         torch.manual_seed(0)
         self.inp = nn.Linear(4, 6)
         if shared == "conv":
-            self.shared = nn.Conv1d(1, 2, kernel_size=3, padding=1)  # VJP path
+            self.shared = nn.Conv1d(1, 2, kernel_size=3, padding=1)  # the convolution rule
         else:
             self.shared = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)  # ("linear-ln": a shared part that is not elementwise)
         self.kind = shared
         self.heads = nn.ModuleList([nn.Linear(12 if shared == "conv" else 6, 1) for _ in range(3)])
 
@@ -86,6 +87,8 @@ class Model(nn.Module):
         h = torch.tanh(self.inp(x))
         if self.kind == "conv":
             return torch.tanh(self.shared(h.unsqueeze(1))).flatten(1)
+        if self.kind == "linear-ln":
+            return torch.tanh(self.norm(self.shared(h)))
         return torch.tanh(self.shared(h))
 
 
@@ -166,6 +169,43 @@ def test_update_path_has_no_host_sync(case):
     assert gn.skipped.tolist() == [2.0, 2.0, 3.0]
     assert float(gn.skipped_updates) == 1.0
     assert float(gn.num_updates) == len(FAULTS) - 1
+
+
+PER_TASK_CASES = {
+    "shared-part": (False, "linear-ln"),
+    "shared-part+views": (True, "linear-ln"),
+    "conv": (False, "conv"),
+    "conv+views": (True, "conv"),
+}
+
+
+@pytest.mark.parametrize("case", list(PER_TASK_CASES))
+def test_per_task_paths_have_no_host_sync(case, monkeypatch):
+    """The paths taken for large tensors (one ``autograd.grad`` per task across a shared part
+    that is not elementwise, one ``convolution_backward`` per task), forced on small ones."""
+    from gradnorm_lightning.capture import norms
+
+    views, shared = PER_TASK_CASES[case]
+    monkeypatch.setattr(norms, "LOOP_NUMEL", 0)
+    monkeypatch.setattr(norms, "_LOOP_MACS", 0)
+    monkeypatch.setattr(torch.func, "vmap", lambda *a, **k: pytest.fail("vmap with the per-task paths forced"))
+    per_task: list[int] = []
+    grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        assert not kwargs.get("is_grads_batched"), "a batched VJP with the per-task paths forced"
+        per_task.append(1)
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    model = Model(shared)
+    gn = GradNorm(model.shared, 3, alpha=1.0, lr=0.1)
+    calls: list[str] = []
+    run_faults(gn, model, views, calls)
+    assert calls == []
+    assert per_task  # (both shared parts cross by VJPs: a LayerNorm, a flatten after the tanh)
+    assert not torch.allclose(gn.weights, torch.ones(3))
+    assert gn.skipped.tolist() == [2.0, 2.0, 3.0]
 
 
 class NoSyncWindow(Callback):
