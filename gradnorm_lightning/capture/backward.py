@@ -325,8 +325,8 @@ class StepCapture:
 
     def _vjp_per_task(self, moving: list[tuple[GradientEdge, _TaskGrads]], targets: Sequence[Any]) -> None:
         """Large gradients: one ``autograd.grad`` per task from the edges where that task has a
-        gradient, delivered as rows (no ``(T, ...)`` block is stacked before or after, and a task
-        crosses only the part of the graph its own gradients enter)."""
+        gradient, its results kept as rows (no ``(T, ...)`` block is stacked for the VJPs, only
+        once at the sink; a task crosses only the part of the graph its own gradients enter)."""
         dense = None if self.plan.outputs_sink else self._dense_buffer()
         for task in range(self.num_tasks):
             pairs = [(edge, g) for edge, grads in moving if (g := grads.task(task)) is not None]
