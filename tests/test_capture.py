@@ -401,3 +401,13 @@ def test_conv_rule_is_exact_over_generated_convolutions(
     check(gn, ref, "views" if views else "heads")
     assert (calls == []) == rule_applies
     assert bool(vmaps) == (rule_applies and not per_task)
+
+
+def test_per_task_vjps_only_for_large_gradients_on_the_cpu() -> None:
+    """The per-task calls were measured on the CPU only: on a device the batched call stays."""
+    from gradnorm_lightning.capture import norms
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not norms.per_task_vjps(norms.LOOP_NUMEL - 1, cpu)
+    assert norms.per_task_vjps(norms.LOOP_NUMEL, cpu)
+    assert not norms.per_task_vjps(10**9, cuda)

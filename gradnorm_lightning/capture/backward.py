@@ -249,7 +249,7 @@ class StepCapture:
         VJPs, a block for one batched VJP (small) or the gradients alone for one VJP per task (large)."""
         if self.plan.views_edge in self._sink_edges or self.plan.elementwise is not None:
             return "batch" if self._batch_major else "task"
-        return "batch" if numel < norms.LOOP_NUMEL else None
+        return None if norms.per_task_vjps(numel, self.present.device) else "batch"
 
     def on_views(self, grads: tuple[Tensor | None, ...], stacked: Tensor | None = None) -> None:
         """The views' backward: every task's gradient at the aliased tensor (``stacked``: all of
@@ -314,7 +314,7 @@ class StepCapture:
             return
         targets: list[GradientEdge] | list[nn.Parameter]
         targets = list(self._sink_edges) if self.plan.outputs_sink else list(self.plan.params)
-        if sum(grads.task_numel() for _, grads in moving) >= norms.LOOP_NUMEL:
+        if norms.per_task_vjps(sum(grads.task_numel() for _, grads in moving), self.present.device):
             self._vjp_per_task(moving, targets)
             return
         out = self._vjp([e for e, _ in moving], [g.stacked(self.num_tasks) for _, g in moving], targets)

@@ -27,7 +27,9 @@ from gradnorm_lightning._arrays import as_dtype
 from gradnorm_lightning.capture.calls import LayerCall
 from gradnorm_lightning.capture.stats import Factored
 
-__all__ = ["LOOP_NUMEL", "NormRule", "batched_vjp", "find_norm_rule", "reads_batch_major", "register_norm_rule"]
+__all__ = [
+    "LOOP_NUMEL", "NormRule", "batched_vjp", "find_norm_rule", "per_task_vjps", "reads_batch_major", "register_norm_rule",
+]
 
 NormRule = Callable[[nn.Module, LayerCall, Tensor, torch.dtype], "Factored | Tensor | None"]
 """``rule(layer, call, grads, dtype)``: per-task parameter gradients from the output gradients
@@ -128,7 +130,7 @@ def _conv_rule(layer: nn.Module, call: LayerCall, grads: Tensor, dtype: torch.dt
         )
         return tuple(t for t, m in zip((dw, db), mask) if m)
 
-    if _per_task_macs(layer, grads) >= _LOOP_MACS:
+    if grads.device.type == "cpu" and _per_task_macs(layer, grads) >= _LOOP_MACS:
         rows = [backward(g) for g in grads]  # large products: one call per task beats vmap's batching
         parts = tuple(torch.stack(column) for column in zip(*rows, strict=True))
     else:
@@ -137,7 +139,8 @@ def _conv_rule(layer: nn.Module, call: LayerCall, grads: Tensor, dtype: torch.dt
 
 
 #: Per-task multiply-adds of a convolution's weight gradient from which :func:`_conv_rule`
-#: calls ``convolution_backward`` once per task instead of through ``vmap``. Measured on one CPU
+#: calls ``convolution_backward`` once per task instead of through ``vmap``, on the CPU (on a
+#: device vmap's batched form stays: the threshold is unmeasured there). Measured on one CPU
 #: thread (torch 2.13): vmap's batched form took 17.1 ms against 1.9 ms for a 3-channel
 #: input (batch 64, 32x32, 16 output channels, T = 4; 28M per task) and 9.6 against 8.0 ms for
 #: the dense benchmark's Conv2d(128, 128, 3) on 8x16x16 (T = 3; 302M per task; no difference
@@ -157,8 +160,17 @@ def _per_task_macs(layer: nn.modules.conv._ConvNd, grads: Tensor) -> int:
 #: under vmap, whose batched kernels and copies cost more than the calls they save once the
 #: tensors are large. Measured on one CPU thread (torch 2.13), per-task calls over batched, for
 #: gelu, relu, gelu then a mean, layer_norm and a matmul: 0.3-1.4x at 100k elements per task
-#: (T = 10 and 30), 0.17-0.98x at 300k, 0.12-0.80x at 1M; 0.6-2.5x at 10k (T = 4 to 30).
+#: (T = 10 and 30), 0.17-0.98x at 300k, 0.12-0.80x at 1M; 0.6-2.5x at 10k (T = 4 to 30). On the
+#: CPU only: on a device, where per-task calls multiply the kernel launches, the batched form
+#: stays (unmeasured there).
 LOOP_NUMEL = 100_000
+
+
+def per_task_vjps(numel: int, device: torch.device) -> bool:
+    """Whether per-task gradients of ``numel`` elements each (summed over the tensors they
+    cross from) on ``device`` cross a part of the graph by one ``autograd.grad`` per task
+    rather than one batched call (:data:`LOOP_NUMEL`)."""
+    return device.type == "cpu" and numel >= LOOP_NUMEL
 
 
 def batched_vjp(
@@ -174,11 +186,11 @@ def batched_vjp(
     Returns:
         For each input, the per-task gradients ``(T, *shape)``, or ``None`` where no output
         reaches it. One batched ``autograd.grad`` for small gradients; one ``autograd.grad`` per
-        task for large ones (at least :data:`LOOP_NUMEL` elements per task, where the batched
-        form's overhead outgrows the calls') and where vmap cannot batch a node's backward
+        task for large ones on the CPU (:func:`per_task_vjps`, where the batched form's overhead
+        outgrows the calls') and where vmap cannot batch a node's backward
         (e.g. an inductor-compiled segment). The graph is retained.
     """
-    if sum(g[0].numel() for g in grads) < LOOP_NUMEL:
+    if not per_task_vjps(sum(g[0].numel() for g in grads), grads[0].device):
         try:
             out = torch.autograd.grad(
                 list(outputs), inputs, grad_outputs=list(grads), retain_graph=True,
