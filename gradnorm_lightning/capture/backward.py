@@ -191,7 +191,7 @@ class StepCapture:
             if route == "none":
                 self._finish()
             elif route == "autograd":
-                self._autograd(acc)
+                self._autograd()
                 self._finish()
             elif route == "losses":
                 self._from_losses()
@@ -346,7 +346,7 @@ class StepCapture:
                 if g is not None:
                     self._buffers.setdefault(edge, _TaskGrads()).add(task, g)
         if dense is not None:
-            self._accumulator().add(dense.masked_fill_(~self.present[:, None], 0.0))
+            self._commit_dense(dense)
 
     def _vjp(self, outputs: list[GradientEdge], grads: list[Tensor], inputs: Sequence[Any]) -> list[Tensor | None]:
         self._busy = True
@@ -365,6 +365,10 @@ class StepCapture:
         """Per-task parameter gradients from a VJP, as one masked ``(T, P)`` block."""
         dense = self._dense_buffer()
         self._write(dense, slice(None), grads)
+        self._commit_dense(dense)
+
+    def _commit_dense(self, dense: Tensor) -> None:
+        """Add a written ``(T, P)`` block to the accumulator, absent tasks' rows zeroed."""
         self._accumulator().add(dense.masked_fill_(~self.present[:, None], 0.0))
 
     def _write(self, dense: Tensor, rows: int | slice, grads: Sequence[Tensor | None]) -> None:
@@ -409,7 +413,7 @@ class StepCapture:
                 self._add_dense(self._vjp([edge], [stacked], self.plan.params))
 
     # ------------------------------------------------------------------ extra-pass routes
-    def _autograd(self, acc: Accumulator) -> None:
+    def _autograd(self) -> None:
         """One ``autograd.grad`` per task over the parameters: the exact reference route."""
         params = self.plan.params
         dense = self._dense_buffer()
@@ -422,7 +426,7 @@ class StepCapture:
             if all(g is None for g in grads):
                 raise ValueError(unreached_message(self.names[task], self.layer))
             self._write(dense, task, grads)
-        acc.add(dense.masked_fill_(~self.present[:, None], 0.0))
+        self._commit_dense(dense)
 
     def _from_losses(self) -> None:
         """Every task's gradient from its loss, all tasks in one batched backward (an extra pass)."""
