@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers.dist_models import (
+    GlooSpawnDDP,
     MultiTask,
     Recorder,
     fit_single,
@@ -36,14 +36,10 @@ GLOBAL_BATCH = 16
 GN = {"alpha": 1.5, "lr": 0.01, "optimizer": "sgd"}
 
 
-def _strategy() -> DDPStrategy:
-    return DDPStrategy(start_method="spawn", broadcast_buffers=False, process_group_backend="gloo")
-
-
 def _fit_ddp(out_dir: Path, batches, distributed: str, **trainer_kwargs) -> list[dict]:
     rec = Recorder(out_dir=str(out_dir))
     callbacks = [GradNormCallback(**GN, distributed=distributed), rec, *trainer_kwargs.pop("extra_callbacks", [])]
-    trainer = make_trainer(callbacks, strategy=_strategy(), devices=2, **trainer_kwargs)
+    trainer = make_trainer(callbacks, strategy=GlooSpawnDDP(), devices=2, **trainer_kwargs)
     trainer.fit(MultiTask(batches))
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
 
