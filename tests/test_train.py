@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
+from gradnorm_lightning.experiments import train as train_module
 from gradnorm_lightning.experiments.train import train
 from tests.conftest import EXPERIMENTS, ComposeFn
 
@@ -133,6 +135,48 @@ def test_module_entry_point_runs_from_an_unrelated_folder(tmp_path: Path) -> Non
     assert (run_dir / "metrics.csv").exists()
     assert (run_dir / "csv" / "metrics.csv").exists()
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_runs_end_to_end(tmp_path: Path) -> None:
+    """``trainer=ddp`` on the CPU (two gloo processes, Lightning's subprocess launcher) trains,
+    tests and writes its files; both processes then destroy the group and exit."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("GRADNORM_LOG_DIR", None)
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "gradnorm_lightning.experiments.train", "experiment=paper_toy", "trainer=ddp",
+            "trainer.accelerator=cpu", "trainer.max_steps=5", "trainer.log_every_n_steps=1",
+            "data.num_train=512", "data.num_val=64", "data.num_test=256", f"paths.output_dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["total_steps"] == 5
+    _assert_finite_tasks(summary, 10)
+    assert sum(row["final_weight"] for row in summary["tasks"].values()) == pytest.approx(10, rel=1e-4)
+    assert (tmp_path / "run" / "gradnorm.png").exists()
+
+
+def test_a_finished_run_destroys_its_process_group(tmp_path: Path) -> None:
+    """What ``main`` does after a run: destroy the group (which joins gloo's worker threads while
+    the interpreter is alive); without a group it does nothing."""
+    train_module._destroy_process_group()  # no group: nothing to do
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        train_module._destroy_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_fast_dev_run_debug_preset(compose_cfg: ComposeFn, tmp_path: Path) -> None:
