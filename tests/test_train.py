@@ -103,22 +103,19 @@ def test_too_few_steps_to_log_still_writes_the_summary(
     assert json.loads((tmp_path / "summary.json").read_text())["total_steps"] == 2
 
 
-def test_module_entry_point_runs_from_an_unrelated_folder(tmp_path: Path) -> None:
+_SMALL_TOY = (
+    "experiment=paper_toy", "trainer.max_steps=5", "trainer.log_every_n_steps=1",
+    "data.num_train=512", "data.num_val=64", "data.num_test=256",
+)
+
+
+def _run_module(overrides: tuple[str, ...] | list[str], cwd: Path) -> None:
+    """``python -m gradnorm_lightning.experiments.train *overrides`` in ``cwd``; asserts it succeeded."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("GRADNORM_LOG_DIR", None)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gradnorm_lightning.experiments.train",
-            "experiment=paper_toy",
-            "trainer.max_steps=5",
-            "trainer.log_every_n_steps=1",
-            "data.num_train=512",
-            "data.num_val=64",
-            "data.num_test=256",
-        ],
-        cwd=tmp_path,
+        [sys.executable, "-m", "gradnorm_lightning.experiments.train", *overrides],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -126,6 +123,10 @@ def test_module_entry_point_runs_from_an_unrelated_folder(tmp_path: Path) -> Non
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_module_entry_point_runs_from_an_unrelated_folder(tmp_path: Path) -> None:
+    _run_module(_SMALL_TOY, tmp_path)
     (run_dir,) = (tmp_path / "logs" / "paper_toy" / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["total_steps"] == 5
@@ -141,22 +142,7 @@ def test_module_entry_point_runs_from_an_unrelated_folder(tmp_path: Path) -> Non
 def test_ddp_on_cpu_runs_end_to_end(tmp_path: Path) -> None:
     """``trainer=ddp`` on the CPU (two gloo processes, Lightning's subprocess launcher) trains,
     tests and writes its files; both processes then destroy the group and exit."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("GRADNORM_LOG_DIR", None)
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "gradnorm_lightning.experiments.train", "experiment=paper_toy", "trainer=ddp",
-            "trainer.accelerator=cpu", "trainer.max_steps=5", "trainer.log_every_n_steps=1",
-            "data.num_train=512", "data.num_val=64", "data.num_test=256", f"paths.output_dir={tmp_path / 'run'}",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_module([*_SMALL_TOY, "trainer=ddp", "trainer.accelerator=cpu", f"paths.output_dir={tmp_path / 'run'}"], tmp_path)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["total_steps"] == 5
     _assert_finite_tasks(summary, 10)
