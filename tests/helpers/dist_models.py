@@ -156,7 +156,7 @@ class GlooSpawnDDP(DDPStrategy):
     shutdown, where a gloo worker thread still releasing the last all-reduce's tensor (the
     balancer's, in these fits) needs the GIL after finalization has begun: the rank aborts after
     fit has finished ("terminate called without an active exception", SIGABRT; once in CI, on
-    ``test_approx_ddp_...``, and 3 of 240 such fits here, none of 160 with this strategy).
+    ``test_approx_ddp_...``, and 3 of 240 such fits here, none of 360 with this strategy).
     Here each rank, once Lightning's own teardown has unwrapped (and so freed) the DDP module,
     waits for the other and destroys the group, as ``gradnorm-train`` does after a run. A fit
     that raised is left as Lightning leaves it: a rank waiting for one that failed would hang.
