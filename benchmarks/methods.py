@@ -319,8 +319,8 @@ class MinimalExact(_AnalyticWeights):
     gradients (no hooks, no graph walk); after the model's own backward they cross the ReLU
     by one product with its mask. The norms take the cheaper of two exact formulas
     (:func:`linear_norms`). The update is the analytic one of :class:`_AnalyticWeights`, in
-    Python floats on the CPU (as the project's own host update) and in torch on a device;
-    nothing is scaled against overflow and nothing is checked. The benchmark's rows are
+    Python floats on the CPU (the cheapest update there is; the project's own ran so until issue
+    25) and in torch on a device; nothing is scaled against overflow and nothing is checked. The benchmark's rows are
     compared with it to see how much of their cost an exact eager implementation cannot avoid;
     :class:`NormArithmetic` shows how much of that is arithmetic.
     """
@@ -358,7 +358,7 @@ class MinimalExact(_AnalyticWeights):
         self._update(losses, norms)
 
     def _update(self, losses: Tensor, norms: Tensor) -> None:
-        """The analytic update; on the CPU in Python floats (as the project's host kernel does)."""
+        """The analytic update; on the CPU in Python floats."""
         if self.w.device.type != "cpu":
             super()._update(losses, norms)
             return

@@ -53,6 +53,20 @@ def problems(draw, min_tasks=2, max_tasks=7):
     return w, n, loss, l0
 
 
+def floor_projection(x, budget, floor):
+    """``max(floor, c x)`` summing to ``budget``, ``c`` found by bisection (an independent reference
+    for ``renormalize_weights``: ``sum_i max(floor, c x_i)`` grows with ``c``)."""
+    x, budget = x.double(), float(budget)
+    lo, hi = 0.0, budget / float(x.min())
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if float(torch.clamp_min(mid * x, floor).sum()) < budget:
+            lo = mid
+        else:
+            hi = mid
+    return torch.clamp_min(hi * x, floor)
+
+
 def _masks(t):
     """Masks with at least one present task."""
     return st.lists(st.booleans(), min_size=t, max_size=t).filter(any).map(torch.tensor)
@@ -205,9 +219,10 @@ def test_absent_tasks_zero_grad_keep_weight_and_do_not_leak(prob, alpha, lr, dat
     torch.testing.assert_close(gloss, sub_loss, rtol=1e-12, atol=1e-12)
     new = renormalize_weights(w - lr * grad, w, present, 1e-4)
     assert torch.equal(new[~present], w[~present])
-    # present weights: the textbook rescaling of the sub-problem to T minus the absent weights
+    # present weights: the sub-problem's stepped weights, floored, rescaled to T minus the absent
+    # weights (with the floor kept after the rescaling: see floor_projection)
     stepped = (w[idx] - lr * sub_grad).clamp_min(1e-4)
-    expect = stepped * (t - w[~present].sum()) / stepped.sum()
+    expect = floor_projection(stepped, t - w[~present].sum(), 1e-4)
     torch.testing.assert_close(new[idx], expect, rtol=1e-12, atol=1e-12)
 
 

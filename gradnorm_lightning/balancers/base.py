@@ -2,10 +2,11 @@
 
 A strategy is a :class:`Balancer` subclass that implements one method, :meth:`Balancer.propose`:
 given one optimizer step's :class:`StepInputs` it returns a :class:`Proposal` (new weights,
-which tasks' statistics were valid, its own objective, its own state). Everything else is
-here once: task names (fixed once), the state tensors (declared once, for ``to``,
+whether the statistics were valid, its own objective, its own state), in plain torch. Everything
+else is here once: task names (fixed once), the state tensors (declared once, for ``to``,
 ``state_dict`` and pickling), ``L(0)``, absent tasks, the combined loss, and the commit, which
-applies a proposal only when it is valid, on the device, without reading a value on the host.
+applies a proposal only when it is valid. The update is the same torch code on every device, and
+it reads no value on the host.
 The per-task statistics come from a :class:`~gradnorm_lightning.capture.Recorder` handed in
 (or built from ``mode``/``distributed``).
 """
@@ -21,7 +22,6 @@ from torch import Tensor, nn
 
 from gradnorm_lightning import _arrays
 from gradnorm_lightning import functional as F
-from gradnorm_lightning._arrays import TORCH, ArrayOps
 from gradnorm_lightning._checks import (
     DISTRIBUTED_MODES,
     MODES,
@@ -77,10 +77,9 @@ class Balancer(TaskState):
     needs_norms: ClassVar[bool] = True
     #: the log key of the strategy's objective (``None``: it has none)
     objective_key: ClassVar[str | None] = None
-    #: whether :meth:`propose` also takes the host path's Python vectors (``inputs.ops`` names
-    #: the kind): then, on the CPU, the update runs in Python numbers, several times cheaper
-    #: than torch's small-tensor calls
-    host_update: ClassVar[bool] = False
+    #: whether the update needs the loss ratios ``L_i / L_i(0)``: then it applies only when
+    #: some task is ``rated`` (present with a positive ``L(0)``), else when some task is present
+    uses_initial_losses: ClassVar[bool] = False
     #: option name -> checker returning the normalised value (each class adds its own)
     _option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
         "initial_losses": _check_initial_losses,
@@ -155,6 +154,8 @@ class Balancer(TaskState):
             raise ValueError(f"`initial_losses` has {len(self.initial_losses)} values for {len(names)} tasks.")
         self._task_names: tuple[str, ...] | None = None
         self._state_names: tuple[str, ...] = ()
+        self._known_initial: Tensor | None = None
+        self._initial_probe: _arrays.HostFlag | None = None
         self.steps = 0
         self.last_stats: dict[str, Any] = {}
         if names is not None:
@@ -253,15 +254,16 @@ class Balancer(TaskState):
                 )
         items = [loss if loss is not None and (loss.requires_grad or not grad_on) else None for loss in items]
         live = [loss for loss in items if loss is not None]
-        # The state is never written in place (every update makes new tensors), so the model
-        # loss can use the weights as they are: the graph keeps this step's values.
-        weights = self.weights.detach()
+        # The state is never written in place (every update makes new tensors) and never
+        # requires grad, so the model loss can use the weights as they are: the graph keeps this
+        # step's values.
+        weights = self.weights
         if not live:
             return self._empty_step(weights)
         ref = live[0]
-        if self.weights.device != ref.device:
+        if weights.device != ref.device:
             self.to(ref.device)
-            weights = self.weights.detach()
+            weights = self.weights
         # missing tasks enter as NaN, so one device-side isfinite decides presence
         values = torch.stack([
             (loss if loss.dim() == 0 else loss.reshape(())) if loss is not None else ref.new_full((), float("nan"))
@@ -285,19 +287,14 @@ class Balancer(TaskState):
         return torch.zeros((), dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ the update
-    def updates_on_host(self) -> bool:
-        """Whether :meth:`step` runs its ``(T,)`` math on the host in Python numbers (the weights
-        are on the CPU, the strategy supports it, and nothing is being compiled)."""
-        return self.host_update and _arrays.host_reads_free(self.device)
-
     @torch.no_grad()
     def step(self, grad_scale: Tensor | float | None = None, found_inf: Tensor | None = None) -> None:
         """Update the weights from what the backward passes since the last step recorded.
 
         Call it after the model's backward (after every backward pass of an accumulation
         window), before or after the model's optimizer step. Without a recorded ``combine``
-        it does nothing. Runs on the weights' device without reading any value on the host
-        (on the CPU, where the device is the host, in Python numbers: see :mod:`gradnorm_lightning._arrays`).
+        it does nothing. Runs on the weights' device as a few dozen torch operations, without
+        reading any value on the host.
 
         Args:
             grad_scale: the factor the recorded backward passes were scaled by beyond the
@@ -312,87 +309,86 @@ class Balancer(TaskState):
         if stats is None:
             return
         self.steps += 1
-        if self.updates_on_host():
-            try:
-                self._update(stats, found_inf, _arrays.python_ops(self.dtype))
-                return
-            except (ArithmeticError, ValueError):
-                pass  # Python raised where IEEE arithmetic gives inf or NaN: the device path decides
-        self._update(stats, found_inf, TORCH)
+        self._update(stats, found_inf)
 
-    def _update(self, stats: Statistics, found_inf: Tensor | None, xp: ArrayOps) -> None:
-        """The update on ``xp``'s arrays (torch tensors, or Python vectors on the host).
+    def _initial_losses(self, present: Tensor, losses: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``L(0)`` for this step and the new measurement state.
 
-        Everything is computed before any state is written, so a host step that raises leaves
-        the state untouched.
+        A measured ``L(0)`` is the mean of the first ``initial_loss_steps`` losses of each task's
+        present steps. A task whose measured sum is not positive (its first loss was exactly 0)
+        is measured again from its next present step on, and sits out the updates until then
+        (``StepInputs.rated``; counted in ``zero_initial_loss_steps``).
         """
-        get = xp.view
-        present, losses, norms = get(stats.present), get(stats.losses), get(stats.grad_norms)
-        count, total = get(self.initial_loss_count), get(self.initial_loss_sum)
-        # L(0): measured over the first `initial_loss_steps` present steps, or fixed.
-        if self._all_fixed:
-            initial = get(self._fixed_initial)
+        total, count = self.initial_loss_sum, self.initial_loss_count
+        if self.initial_loss_steps == 1:
+            collecting = present & (total <= 0)
+            total = torch.where(collecting, losses, total)
+            count = torch.where(collecting, 1.0, count)
+            initial = total
         else:
+            count = torch.where(total <= 0, 0.0, count)  # (a sum of 0 starts again)
             collecting = present & (count < self.initial_loss_steps)
-            init_count = count + collecting
-            init_sum = total + losses * collecting  # absent tasks' losses are 0
-            initial = init_sum / xp.clamp_min(init_count, 1.0)
-            if self._any_fixed:
-                initial = xp.where(get(self._fixed_mask), get(self._fixed_initial), initial)
-        ratios, rates = F.inverse_training_rates(losses, initial, present)
-        weights = get(self.weights)
-        proposal = self.propose(
-            StepInputs(weights, norms, losses, initial, present, ratios, rates, get(self.num_updates), xp)
-        )
-        absent = ~present
-        ok = present.any() & (proposal.valid | absent).all()
+            count = count + collecting
+            total = total + losses * collecting  # (absent tasks' losses are 0)
+            initial = total / count.clamp_min(1.0)
+        if self._any_fixed:
+            initial = torch.where(self._fixed_mask, self._fixed_initial, initial)
+        return initial, {"initial_loss_sum": total, "initial_loss_count": count}
+
+    def _probe_initial_losses(self) -> None:
+        """Once every ``L(0)`` is known for good (fixed, or measured over its steps and positive),
+        the update stops measuring it: the flag is read on the host as it arrives, never waited for."""
+        probe = self._initial_probe
+        if probe is not None and probe.value():
+            self._known_initial = self.current_initial_losses
+            self._initial_probe = None
+            return
+        if probe is None or probe.value() is not None:
+            done = (self.initial_loss_sum > 0) & (self.initial_loss_count >= self.initial_loss_steps)
+            self._initial_probe = _arrays.HostFlag((done | self._fixed_mask).all())
+
+    def _update(self, stats: Statistics, found_inf: Tensor | None) -> None:
+        """The update: ``L(0)``, the loss ratios, the strategy's proposal, the commit."""
+        present, losses = stats.present, stats.losses
+        known = self._known_initial
+        measuring = known is None
+        if known is None:
+            initial, new = self._initial_losses(present, losses)
+            rated = present & (initial > 0)
+        else:
+            initial, new, rated = known, {}, present
+        num_rated = rated.sum()
+        if measuring:
+            ratios, rates = F._inverse_training_rates(losses, initial, rated, num_rated)
+        else:  # (every L(0) is positive and absent tasks' losses are 0: their ratios are 0)
+            ratios = losses / initial
+            rates = ratios / (ratios.sum() / num_rated)
+        proposal = self.propose(StepInputs(
+            self.weights, stats.grad_norms, losses, initial, present, ratios, rates, self.num_updates, rated, num_rated,
+        ))
+        any_present = present.any()
+        # (once every L(0) is known, the rated tasks are the present ones)
+        ok = num_rated > 0 if self.uses_initial_losses and measuring else any_present
+        valid = proposal.valid
+        if valid is not None:
+            ok = ok & (valid if valid.dim() == 0 else (valid | ~present).all())
         if found_inf is not None:
-            ok = ok & xp.is_zero(found_inf.to(self.device))
-        new_state: dict[str, Any] = {"weights": proposal.weights, **proposal.state}
-        if not self._all_fixed:
-            new_state.update(initial_loss_sum=init_sum, initial_loss_count=init_count)
+            ok = ok & (found_inf.to(self.device) == 0).all()
+        new.update(proposal.state)
+        new["weights"] = proposal.weights
+        # per-task counters, written whether or not the update applies
+        new["skipped"] = self.skipped + ~present
+        if measuring:
+            new["zero_initial_loss_steps"] = self.zero_initial_loss_steps + (present ^ rated)
+        counts = {name: ok & flag for name, flag in proposal.counts.items()}
+        counts.update(num_updates=ok, empty_steps=~any_present)
+        self._commit(new, ok, counts)
+        if measuring:
+            self._probe_initial_losses()
         logged = {"loss_ratios": ratios, "inverse_rates": rates}
         if proposal.objective is not None:
             logged["loss"] = proposal.objective
-        if xp is not TORCH:
-            self._commit_on_host(stats, new_state, logged, ok, absent, xp)
-            return
-        for name, value in new_state.items():
-            setattr(self, name, torch.where(ok, value, getattr(self, name)))
-        self.num_updates = self.num_updates + ok
-        self.skipped = self.skipped + absent
-        self.skipped_updates = self.skipped_updates + ~ok
-        self.empty_steps = self.empty_steps + absent.all()
         self._set_last_stats(stats, logged, ok)
-
-    def _commit_on_host(self, stats: Statistics, new_state: dict[str, Any], logged: dict[str, Any], ok: bool,
-                        absent: Any, xp: ArrayOps) -> None:
-        """Write a host step's results: on the host the decision is a plain branch, and only what
-        changes is written, all of it as views of one new tensor.
-
-        Args:
-            stats: the step's statistics.
-            new_state: the state a valid step writes (Python vectors and numbers, by name).
-            logged: the logged vectors (``"loss"``: the objective), by name.
-            ok: whether the step is applied.
-            absent: the absent tasks (a Python vector of bools).
-            xp: the host path's operations.
-        """
-        get = xp.view
-        changes = new_state if ok else {}
-        if ok:
-            changes["num_updates"] = get(self.num_updates) + 1
-        else:
-            changes["skipped_updates"] = get(self.skipped_updates) + 1
-        if absent.any():
-            changes["skipped"] = get(self.skipped) + absent
-            if absent.all():
-                changes["empty_steps"] = get(self.empty_steps) + 1
-        # (the logged values are not read back: only the state is remembered)
-        made = xp.tensors({**changes, **{f"/{k}": v for k, v in logged.items()}}, remember=changes)
-        for name in changes:
-            setattr(self, name, made[name])
-        self._set_last_stats(stats, {k: made[f"/{k}"] for k in logged}, torch.tensor(bool(ok)))
 
     def _set_last_stats(self, stats: Statistics, logged: dict[str, Tensor], applied: Tensor) -> None:
         self.last_stats = {
