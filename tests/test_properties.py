@@ -302,3 +302,60 @@ def test_balancer_step_is_the_documented_math(seed, alpha, lr, pattern, optimize
     torch.testing.assert_close(
         gn.current_initial_losses[known], torch.tensor([l0[i] for i in known], dtype=F64), rtol=1e-14, atol=0
     )
+
+
+# ---------------------------------------------------------------------- the floor (issue 22, item 6)
+@SETTINGS
+@given(
+    st.integers(2, 7),
+    st.floats(1e-6, 0.2),
+    st.data(),
+)
+def test_renormalised_weights_keep_the_floor_and_sum_to_t(t, min_weight, data):
+    """Whatever the step did (negative, huge, tiny weights): every present weight ends at least
+    ``min_weight``, the weights sum to ``T``, absent ones are kept, and the result is the
+    projection ``max(m, c x)`` of the bisection reference; where the plain rescaling keeps the
+    floor, it is the plain rescaling."""
+    anything = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
+    raw = torch.tensor(data.draw(st.lists(anything, min_size=t, max_size=t)), dtype=F64)
+    present = data.draw(_masks(t))
+    # previous weights at or above the floor, summing to T (what an earlier update left)
+    prev = torch.tensor(data.draw(st.lists(st.floats(0.0, 1.0), min_size=t, max_size=t)), dtype=F64)
+    prev = min_weight + prev * (t - t * min_weight) / prev.sum() if float(prev.sum()) > 0 else torch.ones(t, dtype=F64)
+    new = renormalize_weights(raw, prev, present, min_weight)
+    assert torch.equal(new[~present], prev[~present])
+    # (the floor can hold while the absent weights leave the present ones at least n * min_weight;
+    # by rounding, a previous step at the floor can leave a hair less: the floor is then B / n)
+    budget = float(t - prev[~present].sum())
+    floor = min(min_weight, budget / int(present.sum()))
+    assert bool((new[present] >= floor).all())
+    assert float(new.sum()) == pytest.approx(t, rel=1e-12)
+    stepped = raw[present].clamp_min(floor)
+    torch.testing.assert_close(new[present], floor_projection(stepped, budget, floor), rtol=1e-9, atol=1e-12)
+    plain = stepped * budget / stepped.sum()
+    if bool((plain >= floor).all()):
+        torch.testing.assert_close(new[present], plain, rtol=1e-12, atol=1e-15)
+
+
+def test_the_floor_holds_in_a_diverging_run():
+    """SGD at a learning rate far too large for the norms (the weights slam into the floor every
+    step): after every update every weight is at least min_weight and the sum is T."""
+    torch.manual_seed(0)
+    inp, shared = nn.Linear(3, 5).double(), nn.Linear(5, 4).double()
+    heads = [nn.Linear(4, 1).double() for _ in range(3)]
+    gn = GradNorm(shared, 3, alpha=1.5, lr=50.0, optimizer="sgd", min_weight=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    at_floor = 0
+    for _ in range(30):
+        x = torch.randn(8, 3, generator=gen, dtype=F64)
+        z = torch.tanh(shared(torch.tanh(inp(x))))
+        losses = [h(z).pow(2).mean() * 10.0**k for k, h in enumerate(heads)]  # norms 1 : 10 : 100
+        gn.combine(losses).backward()
+        gn.step()
+        assert float(gn.weights.min()) >= 1e-4
+        assert float(gn.weights.sum()) == pytest.approx(3.0, abs=1e-12)
+        at_floor += int(float(gn.weights.min()) == 1e-4)
+        for p in [*inp.parameters(), *shared.parameters(), *(q for h in heads for q in h.parameters())]:
+            p.grad = None
+    assert at_floor >= 10  # the floor was really binding (the plain rescaling would go below it)
+    assert float(gn.floor_steps) >= 10

@@ -156,6 +156,16 @@ class TaskState:
             self._forget_derived()
         return self
 
+    def _set_state_dtype(self, dtype: torch.dtype) -> None:
+        """Convert the floating-point state to ``dtype`` (``self.dtype`` follows)."""
+        self.dtype = dtype
+        if self._task_names is not None:
+            for name in (*self._state_names, "_fixed_initial"):
+                value = getattr(self, name)
+                if value.is_floating_point():
+                    setattr(self, name, value.to(dtype))
+            self._forget_derived()
+
     def _forget_derived(self) -> None:
         """Drop what is derived from the state (after it was replaced or moved)."""
         self._stacked = [None, None, None]

@@ -14,6 +14,7 @@ The per-task statistics come from a :class:`~gradnorm_lightning.capture.Recorder
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -40,6 +41,16 @@ from gradnorm_lightning.capture import Recorder
 from gradnorm_lightning.capture.recorder import Statistics
 
 __all__ = ["Balancer", "Proposal", "StepInputs"]
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _layer_dtype(layer: nn.Module) -> torch.dtype:
+    """The balancer's dtype for ``layer``: float64 when a trainable parameter is float64, else
+    float32 (also for bfloat16 and float16 layers, whose statistics would lose too much)."""
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    return torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
 
 
 def _no_task_message(names: Sequence[str]) -> str:
@@ -136,7 +147,7 @@ class Balancer(TaskState):
         self.distributed: str = base["distributed"]
         self.track_grad_norms: bool = base["track_grad_norms"]
         params = [p for p in shared_layer.parameters() if p.requires_grad]
-        self.dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        self.dtype = _layer_dtype(shared_layer)
         self.device = params[0].device
         self.recorder = recorder if recorder is not None else Recorder(
             shared_layer, mode=self.mode, distributed=self.distributed,
@@ -156,6 +167,7 @@ class Balancer(TaskState):
         self._state_names: tuple[str, ...] = ()
         self._known_initial: Tensor | None = None
         self._initial_probe: _arrays.HostFlag | None = None
+        self._warned_float16 = False
         self.steps = 0
         self.last_stats: dict[str, Any] = {}
         if names is not None:
@@ -176,6 +188,34 @@ class Balancer(TaskState):
     def options(self) -> dict[str, Any]:
         """The strategy's settings (for ``repr`` and logs)."""
         return {"mode": self.mode}
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Keep the weights, the state and the statistics in ``dtype`` (float32 or float64).
+
+        Raises:
+            ValueError: for another dtype.
+        """
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"`dtype` must be torch.float32 or torch.float64; got {dtype!r}.")
+        if dtype != self.dtype:
+            self._set_state_dtype(dtype)
+        self.recorder.set_dtype(dtype)
+
+    def follow_layer_dtype(self) -> None:
+        """Take the dtype the shared layer's parameters have now (float64 for a float64 layer, else
+        float32): call it after converting the model, e.g. ``model.double()``. The Lightning
+        callbacks call it when a fit starts (Lightning converts the model after ``setup``).
+
+        Example::
+
+            >>> layer = nn.Linear(2, 2)
+            >>> gn = Balancer(layer, num_tasks=2)
+            >>> _ = layer.double()
+            >>> gn.follow_layer_dtype()
+            >>> gn.weights.dtype
+            torch.float64
+        """
+        self.set_dtype(_layer_dtype(self.shared_layer))
 
     # ------------------------------------------------------------------ hooks
     def attach_hooks(self) -> None:
@@ -226,12 +266,16 @@ class Balancer(TaskState):
         backward leaves every gradient ``None``, so the optimizers skip every parameter, and
         :meth:`step` counts the step as empty.
 
+        Half-precision losses (float16, bfloat16) are combined in float32 (a float16 sum
+        overflows past 65504); float16 losses are warned about once, since a float16 loss that
+        overflowed is already infinite, and its task absent from the step.
+
         Args:
             losses: a 1-D tensor of ``T`` losses, a sequence of ``T`` scalar tensors (``None``
                 for a missing task) or a mapping from task name to scalar tensor.
 
         Returns:
-            The combined loss, a 0-dim tensor.
+            The combined loss, a 0-dim tensor (float32 or float64).
 
         Raises:
             TypeError: losses that are not floating-point tensors.
@@ -253,6 +297,10 @@ class Balancer(TaskState):
                     "leave it out of the dict or pass None or NaN."
                 )
         items = [loss if loss is not None and (loss.requires_grad or not grad_on) else None for loss in items]
+        # half-precision losses are combined in float32 (a sum of float16 losses overflows past 65504)
+        if any(loss is not None and loss.dtype in _HALF for loss in items):
+            self._warn_float16(items)
+            items = [loss.float() if loss is not None and loss.dtype in _HALF else loss for loss in items]
         live = [loss for loss in items if loss is not None]
         # The state is never written in place (every update makes new tensors) and never
         # requires grad, so the model loss can use the weights as they are: the graph keeps this
@@ -278,6 +326,17 @@ class Balancer(TaskState):
         combined = torch.dot(weights if weights.dtype == safe.dtype else weights.to(safe.dtype), safe)
         self.recorder.record(items, values.detach(), present, weights, combined, self.task_names)
         return combined
+
+    def _warn_float16(self, items: Sequence[Tensor | None]) -> None:
+        if self._warned_float16 or not any(loss is not None and loss.dtype == torch.float16 for loss in items):
+            return
+        self._warned_float16 = True
+        warnings.warn(
+            "The task losses are float16: they are combined in float32, but a float16 loss above 65504 has "
+            "already overflowed to inf, and its task is then absent from that step (counted in `skipped`). "
+            "Compute the losses in float32 (`loss.float()` before the reduction, or autocast, which does).",
+            stacklevel=3,
+        )
 
     def _empty_step(self, weights: Tensor) -> Tensor:
         values = torch.full((self.num_tasks,), float("nan"), dtype=self.dtype, device=self.device)
@@ -402,6 +461,31 @@ class Balancer(TaskState):
         }
         if "loss" in logged:
             self.last_stats["loss"] = logged["loss"]
+
+    def health_warnings(self) -> list[str]:
+        """Warnings about the run so far (reads counters on the host).
+
+        Here: tasks whose measured ``L(0)`` was not positive (a first loss of exactly 0), so that
+        their loss ratio was undefined: they sat out those updates and their ``L(0)`` was
+        measured again at their next present step. The Lightning callback calls this on logging
+        steps and warns once; in a plain loop, call it yourself now and then (it synchronises
+        with the device).
+
+        Returns:
+            One message per problem found.
+        """
+        if not self.initialized or not self.uses_initial_losses:
+            return []
+        counts = self.zero_initial_loss_steps.tolist()
+        tasks = {name: int(c) for name, c in zip(self.task_names, counts) if c > 0}
+        if not tasks:
+            return []
+        return [
+            f"The first loss of task(s) {sorted(tasks)} was 0 (or negative), so its L(0) could not scale the loss "
+            f"ratio: the task sat out the weight updates on {tasks} step(s), until a positive L(0) was measured "
+            "at its next present step (gradnorm/zero_initial_loss_steps). If such a loss can start at 0, fix its "
+            "L(0) with `initial_losses={task: value}`."
+        ]
 
     # ------------------------------------------------------------------ copies
     def __repr__(self) -> str:

@@ -190,11 +190,14 @@ class GradNorm(Balancer):
         state = self._optim.initial_state(num_tasks, self.dtype, self.device)
         scalar = torch.zeros((), dtype=self.dtype, device=self.device)
         state.update(floor_steps=scalar.clone(), jump_steps=scalar.clone())
-        # made once: the floor's ``T + m * [1, ..., T]`` (see functional.renormalize_weights)
+        self._make_ramp(num_tasks)
+        return state
+
+    def _make_ramp(self, num_tasks: int) -> None:
+        """Made once: the floor's ``T + m * [1, ..., T]`` (see ``functional.renormalize_weights``)."""
         floor = self.min_weight if self.weight_space == "linear" else float(torch.finfo(self.dtype).tiny)
         self._ramp = num_tasks + torch.arange(1, num_tasks + 1, dtype=self.dtype, device=self.device) * floor
         self._floor = floor
-        return state
 
     def to(self, device: torch.device | str) -> Self:
         """Move the state to ``device``."""
@@ -202,6 +205,11 @@ class GradNorm(Balancer):
         if self.initialized:
             self._ramp = self._ramp.to(self.device)
         return self
+
+    def _set_state_dtype(self, dtype: torch.dtype) -> None:
+        super()._set_state_dtype(dtype)
+        if self.initialized:
+            self._make_ramp(self.num_tasks)
 
     def current_lr(self) -> Tensor | float:
         """The weight optimizer's learning rate for the next update (a 0-dim tensor when it decays)."""
@@ -231,7 +239,8 @@ class GradNorm(Balancer):
         return Proposal(new, valid, objective, state, counts)
 
     def health_warnings(self) -> list[str]:
-        """Warnings about weights that park at the floor or jump (reads the counters on the host).
+        """Warnings about weights that park at the floor or jump, and :meth:`Balancer.health_warnings`'s
+        (reads the counters on the host).
 
         The Lightning callback calls this on logging steps and warns once; in a plain loop,
         call it yourself now and then (it synchronises with the device).
@@ -239,12 +248,12 @@ class GradNorm(Balancer):
         Returns:
             One message per problem found (empty when the weights are steady).
         """
+        out = super().health_warnings()
         if not self.initialized:
-            return []
+            return out
         updates = float(self.num_updates)
         if updates < _MIN_UPDATES:
-            return []
-        out = []
+            return out
         floor, jumps = float(self.floor_steps) / updates, float(self.jump_steps) / updates
         fix = (
             "The paper's SGD update scales with the tasks' gradient norms, so with losses of different "

@@ -143,6 +143,11 @@ class Recorder:
         self.attach()
 
     # ------------------------------------------------------------------ lifecycle
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Compute the statistics in ``dtype`` from the next step on (a balancer following its
+        model from float32 to float64, e.g. Lightning's ``precision="64-true"``)."""
+        self._dtype = dtype
+
     @property
     def uses_forward_hook(self) -> bool:
         """Whether this recorder needs the layer's forward hook (not for ``autograd`` or ``none``)."""

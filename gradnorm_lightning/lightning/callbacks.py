@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -89,9 +90,21 @@ class WeightingCallback(Callback):
         self._nonfinite_steps: Tensor | None = None
         self._seen_nonfinite = 0.0
         self._warned: set[str] = set()
+        self._set_up = False  # (see state_key)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of the callback's state in checkpoints: its class name, Lightning's default (so
+        checkpoints of every version load). Until the callback's first ``setup`` the key is the
+        instance's own (the class name and the instance's id): ``Trainer(callbacks=...)`` refuses two
+        stateful callbacks with one key, and so lets two weighting callbacks through to ``setup``,
+        which refuses them with the fix (one callback balances the weights of one model)."""
+        name = type(self).__qualname__
+        return name if self._set_up else f"{name}@{id(self):x}"
 
     # ------------------------------------------------------------------ checks
     def _check_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> GradNormMixin:
@@ -113,12 +126,17 @@ class WeightingCallback(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._set_up = True
         module = self._check_module(trainer, pl_module)
         layer = _check_shared_layer(module.shared_layer(), "`shared_layer()`")
         if self.balancer is None or self.balancer.shared_layer is not layer:
             if self.balancer is not None:
                 self.balancer.remove_hooks()
             self.balancer = self.balancer_cls(layer, task_names=module.declared_task_names, **self.options)
+        # Lightning converts the model to its precision after `setup`: "64-true" makes it float64,
+        # and the balancer follows (before a checkpoint's state is loaded into it)
+        self.balancer.set_dtype(torch.float64 if isinstance(trainer.precision_plugin, DoublePrecision)
+                                else self.balancer.dtype)
         self.balancer.attach_hooks()
         if self._loaded_state is not None:
             self._load(self._loaded_state)
@@ -141,6 +159,7 @@ class WeightingCallback(Callback):
         if self.balancer is not None:
             self.balancer.reset_pending()
             self.balancer.to(pl_module.device)
+            self.balancer.follow_layer_dtype()  # (the model has its precision now)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -189,13 +208,15 @@ class WeightingCallback(Callback):
             for name, value in zip(balancer.task_names, stats[stat].unbind()):
                 metrics[f"gradnorm/{key}/{name}"] = value
         metrics["gradnorm/empty_steps"] = balancer.empty_steps
+        if balancer.uses_initial_losses:
+            metrics["gradnorm/zero_initial_loss_steps"] = balancer.zero_initial_loss_steps.sum()
         if self._nonfinite_steps is not None:
             metrics["gradnorm/nonfinite_grad_steps"] = self._nonfinite_steps
         return metrics
 
     def _warn(self, trainer: pl.Trainer, balancer: Balancer) -> None:
         """Warnings that read counters on the host: on logging steps only, each once."""
-        messages = list(getattr(balancer, "health_warnings", list)())
+        messages = balancer.health_warnings()
         if self._nonfinite_steps is not None:
             count = float(self._nonfinite_steps)
             if count > self._seen_nonfinite:
@@ -253,9 +274,11 @@ class GradNormCallback(WeightingCallback):
     model's device, without host synchronisation) and logs, on the Trainer's logging steps:
     ``gradnorm/weight/<task>``, ``gradnorm/grad_norm/<task>``, ``gradnorm/loss_ratio/<task>``,
     ``gradnorm/inverse_rate/<task>``, ``gradnorm/skipped/<task>``, ``gradnorm/loss``,
-    ``gradnorm/empty_steps`` and ``gradnorm/nonfinite_grad_steps``. Its state (weights,
-    ``L(0)``, weight-optimizer state, counters) is saved in checkpoints. On a logging step it
-    warns once if the weights keep hitting the floor or jumping.
+    ``gradnorm/empty_steps``, ``gradnorm/zero_initial_loss_steps`` and
+    ``gradnorm/nonfinite_grad_steps``. Its state (weights, ``L(0)``, weight-optimizer state,
+    counters) is saved in checkpoints. On a logging step it warns once if the weights keep
+    hitting the floor or jumping, or if a task's first loss was 0. The balancer follows the
+    model's precision: float64 under ``precision="64-true"``, float32 otherwise.
 
     Args:
         alpha: asymmetry: how strongly slower tasks are pushed (``>= 0``; the paper uses
@@ -283,8 +306,7 @@ class GradNormCallback(WeightingCallback):
         TypeError: for arguments of the wrong type; in ``setup``, for a module without the mixin.
         ValueError: for out-of-range arguments; in ``setup``/``on_fit_start``, for a shared
             layer without trainable parameters, a second weighting callback, more than one
-            optimizer, or accumulation under manual optimization. (A second callback given to
-            ``Trainer(callbacks=...)`` is already refused by Lightning with a ``RuntimeError``.)
+            optimizer, or accumulation under manual optimization.
 
     Example::
 
