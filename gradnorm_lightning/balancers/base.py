@@ -37,7 +37,7 @@ from gradnorm_lightning.balancers._losses import LossesLike, normalize_losses
 from gradnorm_lightning.balancers._state import TaskState
 from gradnorm_lightning.balancers.interface import Proposal, StepInputs
 from gradnorm_lightning.capture import Recorder
-from gradnorm_lightning.capture.recorder import Statistics
+from gradnorm_lightning.capture.recorder import Statistics, shared_modules
 
 __all__ = ["Balancer", "Proposal", "StepInputs"]
 
@@ -53,7 +53,8 @@ class Balancer(TaskState):
     """The base of the loss-weighting strategies (see the module docstring).
 
     Args:
-        shared_layer: the last layer shared by all tasks.
+        shared_layer: the last layer shared by all tasks, or several modules (a list, a tuple or
+            an ``nn.ModuleList``): the norms run over all their trainable parameters.
         num_tasks: number of tasks ``T`` (named ``task0``, ``task1``, ...).
         task_names: the task names in weight order; alternative to ``num_tasks``. With
             neither, the names come from the first dict of losses.
@@ -136,7 +137,7 @@ class Balancer(TaskState):
         self.mode: str = base["mode"]
         self.distributed: str = base["distributed"]
         self.track_grad_norms: bool = base["track_grad_norms"]
-        params = [p for p in shared_layer.parameters() if p.requires_grad]
+        params = [p for m in shared_modules(self.shared_layer) for p in m.parameters() if p.requires_grad]
         self.dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
         self.device = params[0].device
         self.recorder = recorder if recorder is not None else Recorder(
@@ -215,8 +216,8 @@ class Balancer(TaskState):
         """
         return self.recorder.views(z, self.num_tasks)
 
-    def combine(self, losses: LossesLike) -> Tensor:
-        """The model loss ``sum_i w_i L_i`` with the current weights.
+    def combine(self, losses: LossesLike, extra: Tensor | None = None) -> Tensor:
+        """The model loss ``sum_i w_i L_i`` with the current weights (plus ``extra``).
 
         A task that is missing (absent from the dict, or ``None``), whose loss is not finite,
         or whose loss does not require grad while gradients are on (a ``NaN`` placeholder) is
@@ -228,6 +229,10 @@ class Balancer(TaskState):
         Args:
             losses: a 1-D tensor of ``T`` losses, a sequence of ``T`` scalar tensors (``None``
                 for a missing task) or a mapping from task name to scalar tensor.
+            extra: a loss term outside the balancing (an auxiliary loss, a regulariser), added
+                with the weight you gave it: ``combine(losses, extra=0.1 * aux)``. Added here
+                rather than to the result, its gradient is kept out of the tasks' gradient norms
+                even where it reads a head's own activations.
 
         Returns:
             The combined loss, a 0-dim tensor.
@@ -256,8 +261,12 @@ class Balancer(TaskState):
         # The state is never written in place (every update makes new tensors), so the model
         # loss can use the weights as they are: the graph keeps this step's values.
         weights = self.weights.detach()
+        if extra is not None and (not isinstance(extra, Tensor) or extra.numel() != 1
+                                  or not extra.is_floating_point()):
+            raise TypeError(f"`extra` must be a scalar floating-point tensor; got {extra!r}.")
         if not live:
-            return self._empty_step(weights)
+            empty = self._empty_step(weights)
+            return empty if extra is None else empty + extra.reshape(())
         ref = live[0]
         if self.weights.device != ref.device:
             self.to(ref.device)
@@ -274,8 +283,8 @@ class Balancer(TaskState):
         else:
             safe = torch.where(present, values, 0.0)
         combined = torch.dot(weights if weights.dtype == safe.dtype else weights.to(safe.dtype), safe)
-        self.recorder.record(items, values.detach(), present, weights, combined, self.task_names)
-        return combined
+        self.recorder.record(items, values.detach(), present, weights, combined, self.task_names, extra=extra)
+        return combined if extra is None else combined + extra.reshape(())
 
     def _empty_step(self, weights: Tensor) -> Tensor:
         values = torch.full((self.num_tasks,), float("nan"), dtype=self.dtype, device=self.device)
@@ -360,7 +369,8 @@ class Balancer(TaskState):
         for name, value in new_state.items():
             setattr(self, name, torch.where(ok, value, getattr(self, name)))
         self.num_updates = self.num_updates + ok
-        self.skipped = self.skipped + absent
+        if stats.absent is not None:  # (counted per backward pass)
+            self.skipped = self.skipped + stats.absent.to(self.skipped.dtype)
         self.skipped_updates = self.skipped_updates + ~ok
         self.empty_steps = self.empty_steps + absent.all()
         self._set_last_stats(stats, logged, ok)
@@ -384,10 +394,10 @@ class Balancer(TaskState):
             changes["num_updates"] = get(self.num_updates) + 1
         else:
             changes["skipped_updates"] = get(self.skipped_updates) + 1
-        if absent.any():
-            changes["skipped"] = get(self.skipped) + absent
-            if absent.all():
-                changes["empty_steps"] = get(self.empty_steps) + 1
+        if stats.absent is not None:
+            changes["skipped"] = get(self.skipped) + get(stats.absent.to(self.dtype))
+        if absent.all():
+            changes["empty_steps"] = get(self.empty_steps) + 1
         # (the logged values are not read back: only the state is remembered)
         made = xp.tensors({**changes, **{f"/{k}": v for k, v in logged.items()}}, remember=changes)
         for name in changes:
@@ -404,6 +414,8 @@ class Balancer(TaskState):
             "applied": applied,
             "route": stats.route,
         }
+        if stats.uncut is not None:  # tasks absent with a graph that the route could not cut off
+            self.last_stats["uncut"] = stats.uncut
         if "loss" in logged:
             self.last_stats["loss"] = logged["loss"]
 
