@@ -143,3 +143,24 @@ def test_plain_ddp_masked_mean_equals_index_form(tmp_path: Path, k: int) -> None
     assert torch.equal(runs[("masked", 0)]["weights"], runs[("masked", 1)]["weights"])
     assert _max_diff(runs[("masked", 0)], runs[("index", 0)]) <= TOL
     _assert_moved(runs[("masked", 0)])
+
+
+@pytest.mark.slow
+def test_lightning_ddp_masked_mean_equals_index_form(tmp_path: Path) -> None:
+    from helpers.dist_models import GlooSpawnDDP
+
+    runs = {}
+    for form in ("masked", "index"):
+        out = tmp_path / form
+        out.mkdir()
+        cb = GradNormCallback(alpha=1.5, lr=0.02)
+        L.Trainer(
+            max_epochs=1, accumulate_grad_batches=2, callbacks=[cb, WeightLog(str(out))], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, use_distributed_sampler=False, strategy=GlooSpawnDDP(), devices=2,
+            accelerator="cpu",
+        ).fit(PartialModule(MICRO, form))
+        runs[form] = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(runs["masked"][0]["weights"], runs["masked"][1]["weights"])
+    assert _max_diff(runs["masked"][0], runs["index"][0]) <= TOL
+    _assert_moved(runs["masked"][0])

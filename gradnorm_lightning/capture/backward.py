@@ -186,10 +186,12 @@ class StepCapture:
         self._cut = cut or {}
         self._host_absent = host_absent
         self._keep_cuts = False  # cut hooks that must outlive the statistics (extra-pass routes)
+        self.combined_node: Any = None  # the combined loss's node (set by install)
 
     # ------------------------------------------------------------------ hooks
     def install(self, combined: Tensor) -> None:
         """Put the step's hooks on the graph (removed by :meth:`remove_hooks` or once they ran)."""
+        self.combined_node = combined.grad_fn
         self._handles.append(combined.register_hook(self._on_loss_grad))
         frontier = self.plan.frontier
         if frontier is None:

@@ -318,6 +318,45 @@ class Recorder:
         acc.add_absent(torch.ones(values.numel(), dtype=torch.bool, device=values.device))
         self._weights = weights
 
+    def outside_terms(self, root: Tensor, budget: int = 20_000) -> list[int]:
+        """The tasks whose own part of the graph a term added to the last combined loss reads.
+
+        A term added to ``combine``'s result (instead of passed as its ``extra``) that reads a
+        head's activations sends its gradient through that head's private nodes, where the
+        capture reads the task's gradient: it is counted into that task's norm. Checked against
+        the last combine's walk (none: an empty list).
+
+        Args:
+            root: the tensor the backward starts from.
+            budget: the most nodes examined.
+
+        Returns:
+            The indices of the tasks concerned.
+        """
+        capture = next((c for c in reversed(self._captures) if c.plan.frontier is not None), None)
+        if capture is None or root.grad_fn is None:
+            return []
+        frontier = capture.plan.frontier
+        assert frontier is not None
+        num_tasks = capture.num_tasks
+        private = {n: m.bit_length() - 1 for n, m in frontier.masks.items() if not m & (m - 1) and m < 1 << num_tasks}
+        oldest = min((n._sequence_nr() for n in frontier.masks), default=0)
+        seen = {root.grad_fn}
+        stack = [root.grad_fn]
+        hits: set[int] = set()
+        while stack and len(seen) < budget:
+            node = stack.pop()
+            if node is capture.combined_node:
+                continue
+            if node in private:
+                hits.add(private[node])
+                continue
+            for nxt, _ in node.next_functions:
+                if nxt is not None and nxt not in seen and nxt._sequence_nr() >= oldest:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return sorted(hits)
+
     # ------------------------------------------------------------------ the route
     def _announce(self, plan: Plan) -> None:
         message = f"{plan.route}: {plan.reason}"

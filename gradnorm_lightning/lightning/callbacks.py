@@ -96,6 +96,7 @@ class WeightingCallback(Callback):
         self._seen_nonfinite = 0.0
         self._seen_lost = 0.0
         self._warned: set[str] = set()
+        self._checked_terms = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
@@ -148,6 +149,7 @@ class WeightingCallback(Callback):
         if self.balancer is not None:
             self.balancer.reset_pending()
             self.balancer.to(pl_module.device)
+        self._checked_terms = False
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -155,6 +157,22 @@ class WeightingCallback(Callback):
         # so that a retry with the same callback does not add them to its first step.
         if self.balancer is not None:
             self.balancer.reset_pending()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # Once per fit: a term added to `combine_task_losses(...)`'s result that reads a head's
+        # activations would count into that task's norm (`extra=` keeps it out).
+        if self._checked_terms or self.balancer is None:
+            return
+        self._checked_terms = True
+        tasks = self.balancer.recorder.outside_terms(loss)
+        if tasks:
+            names = [self.balancer.task_names[t] for t in tasks]
+            rank_zero_warn(
+                f"The loss returned from `training_step` adds a term to `combine_task_losses(...)`'s result that "
+                f"reads the heads of task(s) {names}: its gradient would count into their gradient norms. Pass it "
+                "as `self.combine_task_losses(losses, extra=term)` instead (same model loss, exact norms)."
+            )
 
     @override
     def on_before_optimizer_step(
