@@ -340,7 +340,7 @@ class MMoEModel(MultiTaskModule):
             The :class:`BatchedLinear` producing the expert outputs, or an ``nn.ModuleList``.
         """
         if self.separate_experts:
-            return nn.ModuleList([expert[-1] for expert in self.experts])
+            return nn.ModuleList([expert[-1] for expert in self.experts])  # type: ignore[index]
         return self.experts_out
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
