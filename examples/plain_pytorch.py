@@ -5,12 +5,15 @@ What you learn here:
 * how to put :class:`gradnorm_lightning.GradNorm` into your own loop: name the last shared
   layer, build the model loss with ``gn.combine(losses)``, call ``loss.backward()``, then
   ``gn.step()`` (the task-weight update) and your optimizer's ``step()``;
-* how to handle a task without labels in a batch: its loss is a masked mean over an empty
-  mask, ``0 / 0 = NaN``. GradNorm leaves it out of the model loss and out of the weight
-  update, but its backward still writes NaN into the trunk's gradients, so call
-  :func:`gradnorm_lightning.zero_nonfinite_grads_` before ``optimizer.step()``;
-* what the flag returned by ``zero_nonfinite_grads_`` means: on a step where every task had
-  labels, a non-finite gradient is a genuine divergence, which the zeroing would hide.
+* what happens to a task without labels in a batch: its loss is a masked mean over an empty
+  mask, ``0 / 0 = NaN``, with a graph whose backward writes ``0 * inf = NaN`` below the head.
+  GradNorm leaves the task out of the model loss and out of the weight update, and cuts its
+  gradient off before it meets the other tasks' (in the trunk, and under accumulation in the
+  gradients of earlier micro-batches): nothing to clean up, nothing lost. ``--loss-form index``
+  writes the same loss as ``per_sample[has_label].mean()`` (NaN too, with finite gradients):
+  both forms train the same model;
+* :func:`gradnorm_lightning.zero_nonfinite_grads_` as a divergence guard (``--guard``): with
+  every task's NaN cut off, a non-finite gradient left after the backward is a divergence.
 
 The model: a 2-layer MLP trunk whose second ``Linear`` is the last shared layer, and three
 heads with losses of very different scales (a regression with targets of scale 1, one of
@@ -20,7 +23,7 @@ Everything is synthetic and made here; nothing is downloaded.
 Run::
 
     python examples/plain_pytorch.py --steps 200
-    python examples/plain_pytorch.py --steps 20 --no-sanitize   # watch the model turn into NaN
+    python examples/plain_pytorch.py --steps 200 --loss-form index   # the same weights
 """
 
 from __future__ import annotations
@@ -86,15 +89,16 @@ def make_batch(
     return x, targets, has_label
 
 
-def task_losses(outputs: dict[str, Tensor], targets: dict[str, Tensor], has_label: Tensor) -> list[Tensor]:
+def task_losses(outputs: dict[str, Tensor], targets: dict[str, Tensor], has_label: Tensor,
+                form: str = "masked") -> list[Tensor]:
     """The three task losses, in the order of ``TASKS``."""
     small = nn.functional.mse_loss(outputs["small"].squeeze(1), targets["small"])
     large = nn.functional.mse_loss(outputs["large"].squeeze(1), targets["large"])
-    # Masked mean over the labelled samples. With no labelled sample this is 0 / 0 = NaN, and it
-    # still has a graph: its backward divides by zero and writes NaN into the head AND the trunk.
-    # (`per_sample[has_label].mean()` is NaN too, but its backward reads no element and so
-    # writes no NaN; the sum-over-count form here, common with masks, is the one that bites.)
     per_sample = nn.functional.cross_entropy(outputs["label"], targets["label"], reduction="none")
+    if form == "index":  # NaN over no labels too, but a backward that reads no element
+        return [small, large, per_sample[has_label].mean()]
+    # Masked mean over the labelled samples. With no labelled sample this is 0 / 0 = NaN with a
+    # graph whose backward writes NaN below the head; GradNorm cuts that off (nothing lost).
     mask = has_label.to(per_sample.dtype)
     label = (per_sample * mask).sum() / mask.sum()
     return [small, large, label]
@@ -109,16 +113,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     Returns:
         ``weights`` (task name to final weight), ``absent_steps`` (steps without class labels),
         ``skipped`` (GradNorm's own count of absent steps per task), ``diverged`` (a non-finite
-        gradient on a step where every task was present) and ``params_finite``.
+        gradient found by ``--guard``), ``params_finite`` and ``params`` (the final parameters).
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--no-sanitize", dest="sanitize", action="store_false",
-        help="skip zero_nonfinite_grads_ (shows why it is needed: the parameters become NaN)",
-    )
+    parser.add_argument("--loss-form", choices=("masked", "index"), default="masked",
+                        help="the label task's loss: (err * mask).sum() / mask.sum(), or err[mask].mean()")
+    parser.add_argument("--guard", action="store_true",
+                        help="check for divergence with zero_nonfinite_grads_ before each optimizer step")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -141,23 +145,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     diverged = torch.zeros((), dtype=torch.bool)
     for step in range(args.steps):
         x, targets, has_label = make_batch(step, args.batch_size, teacher, generator)
-        losses = task_losses(model(x), targets, has_label)
+        losses = task_losses(model(x), targets, has_label, args.loss_form)
 
         optimizer.zero_grad()
         loss = gn.combine(losses)  # sum_i w_i L_i over the present (finite) tasks
         loss.backward()            # records the per-task gradients at the shared layer
         gn.step()                  # the GradNorm update: w(t) -> w(t+1); the NaN task is left out
 
-        if args.sanitize:
-            # Needed: the "label" loss of a batch without labels is NaN with a graph. GradNorm
-            # gives it no weight, but autograd still multiplies that zero by 1 / 0 on the way
-            # back, so the backward wrote NaN into the label head's and the trunk's gradients;
-            # one optimizer step would make all those parameters NaN for good.
-            found = zero_nonfinite_grads_(model.parameters())
-            # `found` is a 0-dim bool tensor on the gradients' device (reading it costs a host
-            # sync, so a real loop checks it on its logging steps). On a batch without labels it
-            # is expected; on a step where every task was present it means divergence.
-            diverged |= found & has_label.any()
+        if args.guard:
+            # Optional: the absent task's NaN was cut off in the backward, so a non-finite
+            # gradient here is a divergence. `found` is a 0-dim bool tensor on the gradients'
+            # device (reading it costs a host sync: a real loop checks it on its logging steps).
+            diverged |= zero_nonfinite_grads_(model.parameters())
         optimizer.step()
         absent_steps += int(not has_label.any())
 
@@ -180,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "skipped": skipped,
         "diverged": bool(diverged),
         "params_finite": params_finite,
+        "params": [p.detach().clone() for p in model.parameters()],
     }
 
 

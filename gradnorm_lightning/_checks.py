@@ -84,14 +84,29 @@ def _check_initial_losses(value: Any) -> float | tuple[float, ...] | dict[str, f
     raise TypeError(f"`initial_losses` must be None, a number, a sequence or a mapping; got {value!r}.")
 
 
-def _check_shared_layer(layer: Any, where: str = "`shared_layer`") -> nn.Module:
-    if not isinstance(layer, nn.Module):
+def _check_shared_layer(layer: Any, where: str = "`shared_layer`") -> Any:
+    """A shared layer: one ``nn.Module``, or several (a list, a tuple or an ``nn.ModuleList``) whose
+    trainable parameters together are the shared parameters (e.g. MMoE experts)."""
+    if isinstance(layer, nn.Module) and not isinstance(layer, nn.ModuleList):
+        modules = [layer]
+    elif isinstance(layer, (nn.ModuleList, list, tuple)):
+        modules = list(layer)
+        if not modules:
+            raise ValueError(f"{where} is an empty sequence; give the last shared layer, or the shared modules.")
+        wrong = [type(m).__name__ for m in modules if not isinstance(m, nn.Module)]
+        if wrong:
+            raise TypeError(f"{where} must hold `nn.Module`s; got {', '.join(wrong)}.")
+        if isinstance(layer, list):
+            layer = tuple(layer)
+    else:
         raise TypeError(
-            f"{where} must be an `nn.Module` (the last layer shared by all tasks); got {type(layer).__name__}."
+            f"{where} must be an `nn.Module` (the last layer shared by all tasks) or a sequence of modules "
+            f"(e.g. the experts of an MMoE); got {type(layer).__name__}."
         )
-    if not any(p.requires_grad for p in layer.parameters()):
+    if not any(p.requires_grad for m in modules for p in m.parameters()):
+        kind = type(modules[0]).__name__ if len(modules) == 1 else f"{len(modules)} modules"
         raise ValueError(
-            f"{where} ({type(layer).__name__}) has no trainable parameters; GradNorm needs the last "
+            f"{where} ({kind}) has no trainable parameters; GradNorm needs the last "
             "shared layer with weights, e.g. the last `nn.Linear` of the trunk."
         )
     return layer

@@ -17,7 +17,10 @@ __all__ = [
     "accumulate_grad_type",
     "any_nonfinite",
     "apply_node",
+    "in_backward",
+    "next_sequence_nr",
     "node_sequence_nr",
+    "saved_tensor_hooks_active",
     "scaler_state",
     "should_update_logs",
     "tensor_version",
@@ -44,6 +47,26 @@ def node_sequence_nr(node: Any) -> int | None:
     """
     get = getattr(node, "_sequence_nr", None)
     return None if get is None else int(get())
+
+
+def next_sequence_nr() -> int:
+    """The sequence number autograd gives the next node created on this thread (a peek: creates nothing).
+
+    Read when a shared module's call begins: every node the call creates is numbered from here.
+    """
+    return int(torch._C._autograd._get_sequence_nr())
+
+
+def in_backward() -> bool:
+    """Whether this thread is running a backward pass (e.g. activation checkpointing's recompute)."""
+    return int(torch._C._current_graph_task_id()) != -1
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active (activation checkpointing, ``save_on_cpu``): the
+    saved tensors of the nodes made now may be unpacked only as the hooks allow (non-reentrant
+    checkpointing: once per backward pass), so no such node may be run by hand."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 @functools.cache

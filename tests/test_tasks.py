@@ -196,6 +196,11 @@ def _mmoe() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return MMoEModel(optimizer=torch.optim.Adam), next(iter(dm.train_dataloader()))
 
 
+def _mmoe_separate() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    dm = RecsysDataModule(num_train=64, num_val=8, num_test=8, batch_size=32)
+    return MMoEModel(separate_experts=True, optimizer=torch.optim.Adam), next(iter(dm.train_dataloader()))
+
+
 def _digits() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     dm = DigitsDataModule(batch_size=16)
     return DigitsMultiTaskModel(optimizer=torch.optim.Adam), next(iter(dm.train_dataloader()))
@@ -208,12 +213,13 @@ def _dense() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 @pytest.mark.parametrize(
-    "build", [_toy, _mmoe, _digits, _dense], ids=["toy", "mmoe", "digits", "dense"]
+    "build", [_toy, _mmoe, _mmoe_separate, _digits, _dense], ids=["toy", "mmoe", "mmoe-separate", "digits", "dense"]
 )
 def test_every_task_loss_reaches_the_shared_layer(build) -> None:  # type: ignore[no-untyped-def]
     model, batch = build()
     assert isinstance(model, GradNormMixin)
-    params = list(model.shared_layer().parameters())
+    shared = model.shared_layer()
+    params = [p for m in (shared if isinstance(shared, nn.ModuleList) else [shared]) for p in m.parameters()]
     losses = model.task_losses(batch)
     assert tuple(losses) == tuple(model.task_names)
     for name, loss in losses.items():
@@ -223,7 +229,7 @@ def test_every_task_loss_reaches_the_shared_layer(build) -> None:  # type: ignor
 
 
 @pytest.mark.parametrize(
-    "build", [_toy, _mmoe, _digits, _dense], ids=["toy", "mmoe", "digits", "dense"]
+    "build", [_toy, _mmoe, _mmoe_separate, _digits, _dense], ids=["toy", "mmoe", "mmoe-separate", "digits", "dense"]
 )
 def test_task_views_do_not_change_the_model(build) -> None:  # type: ignore[no-untyped-def]
     model, batch = build()

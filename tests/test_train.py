@@ -193,3 +193,16 @@ def test_console_script_finds_its_configs_from_an_unrelated_folder(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "task_name: digits_multitask" in proc.stdout
     assert "_target_: gradnorm_lightning.GradNormCallback" in proc.stdout
+
+
+def test_mmoe_with_separate_experts_balances_over_all_of_them(
+    compose_cfg: ComposeFn, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``model.separate_experts=true``: the shared layer is a list of the experts' last layers."""
+    import logging
+
+    cfg = compose_cfg("experiment=mmoe_recsys", "model.separate_experts=true", steps=3)
+    with caplog.at_level(logging.INFO, logger="gradnorm_lightning"):
+        summary = train(cfg)
+    _assert_finite_tasks(summary, 3)
+    assert any("4 shared modules (Linear, Linear, Linear, Linear)" in r.getMessage() for r in caplog.records)

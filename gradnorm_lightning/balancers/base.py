@@ -38,7 +38,7 @@ from gradnorm_lightning.balancers._losses import LossesLike, normalize_losses
 from gradnorm_lightning.balancers._state import TaskState
 from gradnorm_lightning.balancers.interface import Proposal, StepInputs
 from gradnorm_lightning.capture import Recorder
-from gradnorm_lightning.capture.recorder import Statistics
+from gradnorm_lightning.capture.recorder import Statistics, shared_modules
 
 __all__ = ["Balancer", "Proposal", "StepInputs"]
 
@@ -46,10 +46,10 @@ __all__ = ["Balancer", "Proposal", "StepInputs"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _layer_dtype(layer: nn.Module) -> torch.dtype:
-    """The balancer's dtype for ``layer``: float64 when a trainable parameter is float64, else
-    float32 (also for bfloat16 and float16 layers, whose statistics would lose too much)."""
-    trainable = [p for p in layer.parameters() if p.requires_grad]
+def _layer_dtype(layer: nn.Module | Sequence[nn.Module]) -> torch.dtype:
+    """The balancer's dtype for the shared ``layer`` (or modules): float64 when a trainable parameter
+    is float64, else float32 (also for bfloat16 and float16 layers, whose statistics would lose too much)."""
+    trainable = [p for m in shared_modules(layer) for p in m.parameters() if p.requires_grad]
     return torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
 
 
@@ -64,7 +64,8 @@ class Balancer(TaskState):
     """The base of the loss-weighting strategies (see the module docstring).
 
     Args:
-        shared_layer: the last layer shared by all tasks.
+        shared_layer: the last layer shared by all tasks, or several modules (a list, a tuple or
+            an ``nn.ModuleList``): the norms run over all their trainable parameters.
         num_tasks: number of tasks ``T`` (named ``task0``, ``task1``, ...).
         task_names: the task names in weight order; alternative to ``num_tasks``. With
             neither, the names come from the first dict of losses.
@@ -146,8 +147,8 @@ class Balancer(TaskState):
         self.mode: str = base["mode"]
         self.distributed: str = base["distributed"]
         self.track_grad_norms: bool = base["track_grad_norms"]
-        params = [p for p in shared_layer.parameters() if p.requires_grad]
-        self.dtype = _layer_dtype(shared_layer)
+        params = [p for m in shared_modules(self.shared_layer) for p in m.parameters() if p.requires_grad]
+        self.dtype = _layer_dtype(self.shared_layer)
         self.device = params[0].device
         self.recorder = recorder if recorder is not None else Recorder(
             shared_layer, mode=self.mode, distributed=self.distributed,
@@ -256,8 +257,8 @@ class Balancer(TaskState):
         """
         return self.recorder.views(z, self.num_tasks)
 
-    def combine(self, losses: LossesLike) -> Tensor:
-        """The model loss ``sum_i w_i L_i`` with the current weights.
+    def combine(self, losses: LossesLike, extra: Tensor | None = None) -> Tensor:
+        """The model loss ``sum_i w_i L_i`` with the current weights (plus ``extra``).
 
         A task that is missing (absent from the dict, or ``None``), whose loss is not finite,
         or whose loss does not require grad while gradients are on (a ``NaN`` placeholder) is
@@ -273,6 +274,10 @@ class Balancer(TaskState):
         Args:
             losses: a 1-D tensor of ``T`` losses, a sequence of ``T`` scalar tensors (``None``
                 for a missing task) or a mapping from task name to scalar tensor.
+            extra: a loss term outside the balancing (an auxiliary loss, a regulariser), added
+                with the weight you gave it: ``combine(losses, extra=0.1 * aux)``. Added here
+                rather than to the result, its gradient is kept out of the tasks' gradient norms
+                even where it reads a head's own activations.
 
         Returns:
             The combined loss, a 0-dim tensor (float32 or float64).
@@ -306,8 +311,12 @@ class Balancer(TaskState):
         # requires grad, so the model loss can use the weights as they are: the graph keeps this
         # step's values.
         weights = self.weights
+        if extra is not None and (not isinstance(extra, Tensor) or extra.numel() != 1
+                                  or not extra.is_floating_point()):
+            raise TypeError(f"`extra` must be a scalar floating-point tensor; got {extra!r}.")
         if not live:
-            return self._empty_step(weights)
+            empty = self._empty_step(weights)
+            return empty if extra is None else empty + extra.reshape(())
         ref = live[0]
         if weights.device != ref.device:
             self.to(ref.device)
@@ -324,8 +333,8 @@ class Balancer(TaskState):
         else:
             safe = torch.where(present, values, 0.0)
         combined = torch.dot(weights if weights.dtype == safe.dtype else weights.to(safe.dtype), safe)
-        self.recorder.record(items, values.detach(), present, weights, combined, self.task_names)
-        return combined
+        self.recorder.record(items, values.detach(), present, weights, combined, self.task_names, extra=extra)
+        return combined if extra is None else combined + extra.reshape(())
 
     def _warn_float16(self, items: Sequence[Tensor | None]) -> None:
         if self._warned_float16 or not any(loss is not None and loss.dtype == torch.float16 for loss in items):
@@ -436,7 +445,8 @@ class Balancer(TaskState):
         new.update(proposal.state)
         new["weights"] = proposal.weights
         # per-task counters, written whether or not the update applies
-        new["skipped"] = self.skipped + ~present
+        if stats.absent is not None:  # (counted per backward pass; None: no task was absent)
+            new["skipped"] = self.skipped + stats.absent
         if measuring:
             new["zero_initial_loss_steps"] = self.zero_initial_loss_steps + (present ^ rated)
         counts = {name: ok & flag for name, flag in proposal.counts.items()}
@@ -459,6 +469,8 @@ class Balancer(TaskState):
             "applied": applied,
             "route": stats.route,
         }
+        if stats.uncut is not None:  # tasks absent with a graph that the route could not cut off
+            self.last_stats["uncut"] = stats.uncut
         if "loss" in logged:
             self.last_stats["loss"] = logged["loss"]
 

@@ -1,6 +1,8 @@
-"""What one forward call of the shared layer leaves for the backward: :class:`LayerCall`.
+"""What one forward call of a shared module leaves for the backward: :class:`LayerCall`.
 
-The shared layer's forward hook records, for every call made with gradients enabled:
+The shared modules' forward hooks (:class:`CallHooks`) record, for every call made with
+gradients enabled and outside a backward pass (a call that activation checkpointing repeats
+during the backward is not a new call):
 
 * the tensor inputs (detached) and their autograd version counters, which the norm rules read;
 * every tensor the layer returned, whatever the structure (a tensor, a tuple such as
@@ -8,7 +10,11 @@ The shared layer's forward hook records, for every call made with gradients enab
   at that moment. An edge names the autograd node that produced the tensor, so it still means
   "the layer's output" after an in-place operation (``nn.ReLU(inplace=True)``) has rebased the
   tensor onto a new node;
-* the layer's parameters that require grad in this call: the norms run over exactly these.
+* the module's parameters that require grad in this call: the norms run over exactly these;
+* where the call began in autograd's creation order, so that the graph walk also sees a use of
+  the parameters inside the call that bypasses its outputs, and whether the call's saved
+  tensors are managed by saved-tensor hooks (activation checkpointing), under which no node
+  of the region may be run by hand.
 """
 
 from __future__ import annotations
@@ -21,10 +27,16 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from gradnorm_lightning._compat import tensor_version, view_base
+from gradnorm_lightning._compat import (
+    in_backward,
+    next_sequence_nr,
+    saved_tensor_hooks_active,
+    tensor_version,
+    view_base,
+)
 from gradnorm_lightning.capture._refs import weak_callable
 
-__all__ = ["ForwardHook", "LayerCall", "ViewBase", "output_tensors"]
+__all__ = ["CallHooks", "LayerCall", "ViewBase", "output_tensors"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -67,6 +79,9 @@ class LayerCall:
         outputs: detached aliases of the output tensors (they share the outputs' version
             counters), with the counters at the call: an in-place write after the call shows there.
         bases: for each output that is a view of a contiguous base, that base (else ``None``).
+        module: the index of the shared module that was called (0 for a single shared layer).
+        start: autograd's sequence number when the call began (``None``: unknown).
+        saved_hooks: whether saved-tensor hooks (activation checkpointing) were active.
     """
 
     inputs: tuple[Tensor, ...]
@@ -75,6 +90,9 @@ class LayerCall:
     params: tuple[tuple[str, nn.Parameter], ...]
     outputs: tuple[tuple[Tensor, int], ...] = ()
     bases: tuple[ViewBase | None, ...] = ()
+    module: int = 0
+    start: int | None = None
+    saved_hooks: bool = False
 
     def inputs_unchanged(self) -> bool:
         """Whether no input was written in place since the call (the rules read them)."""
@@ -131,7 +149,8 @@ def output_tensors(output: Any) -> Iterator[Tensor]:
             yield from output_tensors(getattr(output, f.name))
 
 
-def make_call(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> LayerCall | None:
+def make_call(module: nn.Module, inputs: tuple[Any, ...], output: Any, index: int = 0,
+              start: int | None = None) -> LayerCall | None:
     """The :class:`LayerCall` of one forward, or ``None`` when it built no graph."""
     outs = [t for t in output_tensors(output) if t.requires_grad and t.grad_fn is not None]
     if not outs:
@@ -144,32 +163,55 @@ def make_call(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> LayerC
         params=tuple((n, p) for n, p in module.named_parameters() if p.requires_grad),
         outputs=tuple((t.detach(), tensor_version(t)) for t in outs),
         bases=tuple(_view_base(t) for t in outs),
+        module=index,
+        start=start,
+        saved_hooks=saved_tensor_hooks_active(),
     )
 
 
-class ForwardHook:
-    """The shared layer's forward hook: hands each call to a sink, held weakly.
+#: ``sink(index, call)``: a call of shared module ``index``; ``call`` is ``None`` for a call
+#: made with gradients disabled (e.g. under reentrant activation checkpointing).
+CallSink = Callable[[int, "LayerCall | None"], None]
 
-    A copy of the model (``copy.deepcopy``, pickling) gets a hook that does nothing, so a
-    copied model does not report into the original's recorder.
+
+class CallHooks:
+    """A shared module's forward pre-hook and hook: hand each call to a sink, held weakly.
+
+    Args:
+        sink: receives ``(index, call)`` (see :data:`CallSink`); a bound method is held weakly.
+        index: the module's index among the shared modules.
+
+    A copy of the model (``copy.deepcopy``, pickling) gets hooks that do nothing, so a copied
+    model does not report into the original's recorder.
     """
 
-    def __init__(self, sink: Callable[[LayerCall], None] | None) -> None:
+    def __init__(self, sink: CallSink | None, index: int = 0) -> None:
         self._ref = weak_callable(sink) if sink is not None else None
+        self.index = index
+        self._start: int | None = None
 
     # Never traced by torch.compile: the recorded edges must be those of the tensors the
     # losses really depend on (costs one graph break at the shared layer).
     @torch.compiler.disable
+    def pre(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """The forward pre-hook: where the call begins in autograd's creation order."""
+        self._start = next_sequence_nr()
+
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         sink = self._ref() if self._ref is not None else None
-        if sink is None or not torch.is_grad_enabled():
+        start, self._start = self._start, None
+        if sink is None or in_backward():
             return
-        call = make_call(module, inputs, output)
+        if not torch.is_grad_enabled():
+            sink(self.index, None)
+            return
+        call = make_call(module, inputs, output, self.index, start)
         if call is not None:
-            sink(call)
+            sink(self.index, call)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> ForwardHook:
-        return ForwardHook(None)
+    def __deepcopy__(self, memo: dict[int, Any]) -> CallHooks:
+        return CallHooks(None, self.index)
 
-    def __reduce__(self) -> tuple[type[ForwardHook], tuple[None]]:
-        return (ForwardHook, (None,))
+    def __reduce__(self) -> tuple[type[CallHooks], tuple[None, int]]:
+        return (CallHooks, (None, self.index))

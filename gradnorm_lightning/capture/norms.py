@@ -3,7 +3,9 @@
 Given the per-task gradients ``G`` ``(T, *output.shape)`` at the shared layer's output, a
 *norm rule* returns the per-task gradients of the layer's trainable parameters in a form
 whose norms are cheap: :class:`~gradnorm_lightning.capture.stats.Factored` for
-``nn.Linear`` (ghost norm, never materialised), or a dense ``(T, P)`` tensor. Rules are keyed
+``nn.Linear`` (ghost norm, never materialised), :class:`~gradnorm_lightning.capture.stats.RowSparse`
+for ``nn.Embedding`` (the rows the batch touched, dense or ``sparse=True``), or a dense
+``(T, P)`` tensor. Rules are keyed
 by layer type (the most derived registered type wins) and may decline a layer (return
 ``None``); every layer without an applicable rule gets the generic exact rule, the
 vector-Jacobian products through the layer's own autograd nodes (:func:`batched_vjp`: batched
@@ -25,13 +27,13 @@ from torch.autograd.graph import GradientEdge
 
 from gradnorm_lightning._arrays import as_dtype
 from gradnorm_lightning.capture.calls import LayerCall
-from gradnorm_lightning.capture.stats import Factored
+from gradnorm_lightning.capture.stats import Factored, RowSparse
 
 __all__ = [
     "LOOP_NUMEL", "NormRule", "batched_vjp", "find_norm_rule", "per_task_vjps", "reads_batch_major", "register_norm_rule",
 ]
 
-NormRule = Callable[[nn.Module, LayerCall, Tensor, torch.dtype], "Factored | Tensor | None"]
+NormRule = Callable[[nn.Module, LayerCall, Tensor, torch.dtype], "Factored | RowSparse | Tensor | None"]
 """``rule(layer, call, grads, dtype)``: per-task parameter gradients from the output gradients
 ``grads`` ``(T, *output.shape)`` of one call, in ``dtype``; ``None`` to decline. A dense result
 is ``(T, P)`` over ``call.params`` in order, each parameter flattened. The rows of absent tasks
@@ -97,6 +99,25 @@ def _linear_rule(layer: nn.Module, call: LayerCall, grads: Tensor, dtype: torch.
     if out.shape[1] != rows.shape[0]:
         return None
     return Factored(rows, out, weight="weight" in names, bias="bias" in names)
+
+
+@register_norm_rule(nn.Embedding, name="Embedding rows")
+def _embedding_rule(layer: nn.Module, call: LayerCall, grads: Tensor, dtype: torch.dtype) -> RowSparse | None:
+    """The rows the batch touched: row ``idx[n]`` gets ``grads[:, n]`` (repeats summed when the
+    norm is taken), never the whole ``(V, D)`` table, whether the layer is ``sparse`` or not."""
+    assert isinstance(layer, nn.Embedding)
+    names = _trained(call, {"weight"})
+    if names is None or not call.inputs or len(call.edges) != 1 or layer.scale_grad_by_freq:
+        return None  # (gradients scaled by the batch's row counts: the generic rule)
+    idx = call.inputs[0]
+    d = layer.embedding_dim
+    if idx.is_floating_point() or grads.shape[1:] != (*idx.shape, d):
+        return None
+    rows = idx.reshape(-1)
+    values = grads.reshape(grads.shape[0], -1, d)
+    if layer.padding_idx is not None:  # the padding row gets no gradient
+        values = torch.where((rows != layer.padding_idx)[None, :, None], values, 0.0)
+    return RowSparse(rows, as_dtype(values, dtype), layer.num_embeddings)
 
 
 def reads_batch_major(rule: NormRule) -> bool:

@@ -1,8 +1,9 @@
 """The recorder: everything one optimizer step records at the shared layer, and its route.
 
-A :class:`Recorder` is handed to a balancer. It owns the shared layer's forward hook (the
-layer calls), the task views, the backward captures of every combined loss and their
-accumulated statistics. For each ``combine`` it decides, once, from the graph it sees, how
+A :class:`Recorder` is handed to a balancer. It owns the shared modules' forward hooks (their
+calls), the task views, the backward captures of every combined loss and their accumulated
+statistics. The shared layer may be one module or several (MMoE experts): the norms then run
+over the union of their trainable parameters, each module with its own rule. For each ``combine`` it decides, once, from the graph it sees, how
 the per-task gradients are obtained (the *route*) and where their norms come from (the *norm
 rule*) with a :class:`~gradnorm_lightning.capture.routes.RoutePlanner`, logs that decision once
 (rank zero, INFO) and hands the :class:`~gradnorm_lightning.capture.routes.Plan` to a
@@ -20,13 +21,20 @@ Routes:
   output was rebuilt by an in-place write the recorder cannot follow): one batched backward
   from every loss (an extra pass);
 * ``"autograd"`` (``mode="autograd"``): one ``autograd.grad`` per task over the parameters;
-* ``"none"``: the strategy needs no norms (only the losses are recorded).
+* ``"none"``: the strategy needs no norms, or this step measures none (``measuring=False``):
+  only the losses are recorded.
+
+Whatever the route, a task absent from a backward pass (a non-finite loss with a graph) loses
+nothing for the others where the route has walked the graph (``heads``, ``views``, ``none``): its
+gradient is cut off where it leaves its private region (see
+:mod:`~gradnorm_lightning.capture.backward`); the routes without a walk say so in their reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -35,11 +43,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
+from gradnorm_lightning import _arrays
 from gradnorm_lightning._arrays import as_dtype
 from gradnorm_lightning.capture.backward import StepCapture
-from gradnorm_lightning.capture.calls import ForwardHook, LayerCall
+from gradnorm_lightning.capture.calls import CallHooks, LayerCall
 from gradnorm_lightning.capture.distributed import reduce_statistics
-from gradnorm_lightning.capture.routes import Plan, RoutePlanner
+from gradnorm_lightning.capture.routes import Plan, RoutePlanner, describe
 from gradnorm_lightning.capture.stats import Accumulator
 from gradnorm_lightning.capture.views import fan_out
 
@@ -61,12 +70,18 @@ class Statistics:
         losses: each task's loss, averaged over the backward passes it was present in.
         present: the tasks present in at least one backward pass.
         route: how the per-task gradients were obtained (routes of several passes joined by ``+``).
+        absent: ``(T,)`` how many backward passes each task was absent from (``None``: none was).
+        uncut: ``(T,)`` bool, tasks absent with a graph on a route that could not cut their
+            backward off (``None``: none was): non-finite values it wrote into gradients other
+            tasks share have to be zeroed, and what the present tasks contributed there is lost.
     """
 
     grad_norms: Tensor
     losses: Tensor
     present: Tensor
     route: str
+    absent: Tensor | None = None
+    uncut: Tensor | None = None
 
 
 class _ViewsLink:
@@ -74,6 +89,7 @@ class _ViewsLink:
 
     def __init__(self, edge: Any) -> None:
         self.edge = edge
+        self.node: Any = None  # the views' own autograd node
         self.capture: StepCapture | None = None
 
     def deliver(self, grads: tuple[Tensor | None, ...], stacked: Tensor | None) -> None:
@@ -82,6 +98,18 @@ class _ViewsLink:
 
     def layout(self, numel: int) -> str | None:
         return self.capture.views_layout(numel) if self.capture is not None else "batch"
+
+
+def shared_modules(layer: nn.Module | Sequence[nn.Module]) -> tuple[nn.Module, ...]:
+    """The shared modules of a shared layer given as one module or as several (a list, a tuple,
+    an ``nn.ModuleList``), each once, in order."""
+    if isinstance(layer, nn.Module) and not isinstance(layer, nn.ModuleList):
+        return (layer,)
+    out: list[nn.Module] = []
+    for m in layer:
+        if all(m is not o for o in out):
+            out.append(m)
+    return tuple(out)
 
 
 def _rank_zero() -> bool:
@@ -94,7 +122,8 @@ class Recorder:
     """Per-task gradient statistics at a shared layer, gathered during the model's backward.
 
     Args:
-        layer: the last layer shared by all tasks.
+        layer: the last layer shared by all tasks, or several modules (a list, a tuple or an
+            ``nn.ModuleList``, e.g. MMoE experts): the norms run over all their trainable parameters.
         mode: ``"auto"`` (exact, cheapest route), ``"autograd"`` (exact, one ``autograd.grad``
             per task, no forward hook) or ``"representation"`` (norms at the layer's output).
         distributed: ``"exact"`` or ``"approx"`` (see :mod:`~gradnorm_lightning.capture.distributed`).
@@ -119,7 +148,7 @@ class Recorder:
 
     def __init__(
         self,
-        layer: nn.Module,
+        layer: nn.Module | Sequence[nn.Module],
         *,
         mode: str = "auto",
         distributed: str = "exact",
@@ -127,19 +156,27 @@ class Recorder:
         walk_budget: int = 4096,
     ) -> None:
         self.layer = layer
+        self.modules = shared_modules(layer)
         self.mode = mode
         self.distributed = distributed
         self.measure_norms = measure_norms
+        #: whether this step's statistics are measured (a balancer sets it ``False`` on steps
+        #: that update no weights: the backward then records only the losses, while an absent
+        #: task's gradient is still cut off)
+        self.measuring = True
         self._calls: list[LayerCall] = []
+        self._nograd_calls = 0
         self._views: _ViewsLink | None = None
         self._captures: list[StepCapture] = []
         self._acc: Accumulator | None = None
         self._weights: Tensor | None = None
-        self._hook: Any = None
+        self._hooks: list[Any] = []
         self._announced: set[str] = set()
-        self._planner = RoutePlanner(layer, mode, measure_norms, walk_budget)
+        self._planner = RoutePlanner(layer, self.modules, mode, measure_norms, walk_budget)
         # the statistics' dtype: float64 for a float64 layer, else float32
-        self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in layer.parameters()) else torch.float32
+        self._dtype = torch.float64 if any(
+            p.dtype == torch.float64 for m in self.modules for p in m.parameters()
+        ) else torch.float32
         self.attach()
 
     # ------------------------------------------------------------------ lifecycle
@@ -150,19 +187,23 @@ class Recorder:
 
     @property
     def uses_forward_hook(self) -> bool:
-        """Whether this recorder needs the layer's forward hook (not for ``autograd`` or ``none``)."""
-        return self.measure_norms and self.mode != "autograd"
+        """Whether this recorder hooks the shared modules' forward (not for ``mode="autograd"``,
+        which needs no hook so that ``torch.compile`` can trace the whole trunk)."""
+        return self.mode != "autograd"
 
     def attach(self) -> None:
-        """Put the forward hook on the shared layer (idempotent)."""
-        if self._hook is None and self.uses_forward_hook:
-            self._hook = self.layer.register_forward_hook(ForwardHook(self._on_call))
+        """Put the forward hooks on the shared modules (idempotent)."""
+        if not self._hooks and self.uses_forward_hook:
+            for index, module in enumerate(self.modules):
+                hooks = CallHooks(self._on_call, index)
+                self._hooks.append(module.register_forward_pre_hook(hooks.pre))
+                self._hooks.append(module.register_forward_hook(hooks))
 
     def detach(self) -> None:
-        """Take the forward hook off and forget everything recorded."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        """Take the forward hooks off and forget everything recorded."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         self.reset()
 
     def reset(self) -> None:
@@ -170,6 +211,8 @@ class Recorder:
         for capture in self._captures:
             capture.remove_hooks()
         self._captures, self._calls, self._views, self._acc = [], [], None, None
+        self._nograd_calls = 0
+        self._planner.views_checked = False
 
     @property
     def pending_calls(self) -> int:
@@ -181,7 +224,10 @@ class Recorder:
         """Whether a combined loss was back-propagated (or an empty step recorded) since the last :meth:`collect`."""
         return self._acc is not None
 
-    def _on_call(self, call: LayerCall) -> None:
+    def _on_call(self, index: int, call: LayerCall | None) -> None:
+        if call is None:  # (a call with gradients disabled: reentrant activation checkpointing, or eval)
+            self._nograd_calls += 1
+            return
         if len(self._calls) >= _MAX_CALLS:
             del self._calls[0]
         self._calls.append(call)
@@ -193,7 +239,9 @@ class Recorder:
             return tuple(z.view_as(z) for _ in range(num_tasks))
         link = _ViewsLink(get_gradient_edge(z))
         self._views = link
-        return fan_out(z, num_tasks, link.deliver, link.layout)
+        views = fan_out(z, num_tasks, link.deliver, link.layout)
+        link.node = views[0].grad_fn
+        return views
 
     def _accumulator(self, like: Tensor, num_tasks: int) -> Accumulator:
         if self._acc is None:
@@ -208,16 +256,19 @@ class Recorder:
         weights: Tensor,
         combined: Tensor,
         names: Sequence[str],
+        extra: Tensor | None = None,
     ) -> None:
         """Record one combined loss ``sum_i weights_i losses_i`` for its backward.
 
         Args:
-            losses: each task's loss (``None`` for a task absent on the host).
+            losses: each task's loss (``None`` for a task absent on the host, or without a graph).
             values: ``(T,)`` loss values (NaN where missing).
             present: ``(T,)`` bool, the tasks taking part.
             weights: ``(T,)`` weights of the combined loss.
             combined: the combined loss; its backward records the statistics.
             names: task names, for messages.
+            extra: a loss term outside the balancing that is added to ``combined`` before the
+                backward: its graph is taken into account so that the norms stay exact.
 
         Raises:
             ValueError: when the shared layer was not called in this forward, has no trainable
@@ -225,19 +276,25 @@ class Recorder:
         """
         calls, self._calls = self._calls, []
         link, self._views = self._views, None
+        nograd, self._nograd_calls = self._nograd_calls, 0
         if not (torch.is_grad_enabled() and combined.requires_grad):
             return
         # A combined loss never back-propagated (abandoned) keeps its hooks on a graph that
-        # holds them in a cycle through C++: take them off; finished captures need nothing more.
+        # holds them in a cycle through C++: take them off; finished captures need nothing more
+        # (those that only cut off an absent task keep their hooks until the step is collected).
         for capture in self._captures:
             if not capture.started:
                 capture.remove_hooks()
-        self._captures = [c for c in self._captures if c.started and not c.finished]
-        plan = self._planner.plan(losses, calls, link.edge if link is not None else None, names)
+        self._captures = [c for c in self._captures if c.started and (not c.finished or c.has_hooks)]
+        cut, host_absent = self._cuts(losses, values, present)
+        views = (link.edge, link.node) if link is not None else None
+        plan = self._planner.plan(losses, calls, views, names, measure=self.measuring, cut=bool(cut),
+                                  nograd_calls=nograd, extra=extra)
         num_tasks = len(names)
         # the accumulator is made by the backward: a combine never back-propagated records nothing
         capture = StepCapture(
-            plan, self.layer, losses, values, present, weights, lambda: self._accumulator(values, num_tasks), names
+            plan, self.modules, losses, values, present, weights, lambda: self._accumulator(values, num_tasks), names,
+            layer=self.layer, cut=cut, host_absent=host_absent,
         )
         if link is not None and plan.route == "views":
             link.capture = capture
@@ -247,12 +304,63 @@ class Recorder:
         self._weights = weights
         self._announce(plan)
 
+    @staticmethod
+    def _cuts(losses: Sequence[Tensor | None], values: Tensor,
+              present: Tensor) -> tuple[dict[int, Tensor | None], list[bool] | None]:
+        """Which tasks' gradients to cut off, and how (see :class:`StepCapture`): on the host,
+        where reading the values is free, only the tasks known to be absent with a graph (by
+        zeros); elsewhere every task with a graph, by ``where(present_i, g, 0)`` on the device."""
+        if _arrays.host_reads_free(values.device):
+            absent = [not math.isfinite(v) for v in values.tolist()]
+            return {t: None for t, (a, loss) in enumerate(zip(absent, losses)) if a and loss is not None}, absent
+        return {t: present[t] for t, loss in enumerate(losses) if loss is not None}, None
+
     def record_empty(self, values: Tensor, weights: Tensor) -> None:
         """Record a step in which no task has a loss (nothing to back-propagate)."""
         self._calls, self._views = [], None
         acc = self._accumulator(values, values.numel())
         acc.routes.append("empty")
+        acc.add_absent(torch.ones(values.numel(), dtype=torch.bool, device=values.device))
         self._weights = weights
+
+    def outside_terms(self, root: Tensor, budget: int = 20_000) -> list[int]:
+        """The tasks whose own part of the graph a term added to the last combined loss reads.
+
+        A term added to ``combine``'s result (instead of passed as its ``extra``) that reads a
+        head's activations sends its gradient through that head's private nodes, where the
+        capture reads the task's gradient: it is counted into that task's norm. Checked against
+        the last combine's walk (none: an empty list).
+
+        Args:
+            root: the tensor the backward starts from.
+            budget: the most nodes examined.
+
+        Returns:
+            The indices of the tasks concerned.
+        """
+        capture = next((c for c in reversed(self._captures) if c.plan.frontier is not None), None)
+        if capture is None or root.grad_fn is None:
+            return []
+        frontier = capture.plan.frontier
+        assert frontier is not None
+        num_tasks = capture.num_tasks
+        private = {n: m.bit_length() - 1 for n, m in frontier.masks.items() if not m & (m - 1) and m < 1 << num_tasks}
+        oldest = min((n._sequence_nr() for n in frontier.masks), default=0)
+        seen = {root.grad_fn}
+        stack = [root.grad_fn]
+        hits: set[int] = set()
+        while stack and len(seen) < budget:
+            node = stack.pop()
+            if node is capture.combined_node:
+                continue
+            if node in private:
+                hits.add(private[node])
+                continue
+            for nxt, _ in node.next_functions:
+                if nxt is not None and nxt not in seen and nxt._sequence_nr() >= oldest:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return sorted(hits)
 
     # ------------------------------------------------------------------ the route
     def _announce(self, plan: Plan) -> None:
@@ -261,7 +369,7 @@ class Recorder:
             return
         self._announced.add(message)
         if _rank_zero():
-            log.info("GradNorm statistics at %s: %s.", type(self.layer).__name__, message)
+            log.info("GradNorm statistics at %s: %s.", describe(self.layer), message)
 
     # ------------------------------------------------------------------ the result
     def collect(self, grad_scale: Tensor | float | None = None) -> Statistics | None:
@@ -283,7 +391,7 @@ class Recorder:
             return None
         if unfinished:
             raise ValueError(
-                f"The backward of a combined loss did not reach the shared layer ({type(self.layer).__name__}): "
+                f"The backward of a combined loss did not reach the shared layer ({describe(self.layer)}): "
                 "back-propagate the combined loss through the whole model (no `inputs=` restricting it) "
                 "before the update."
             )
@@ -295,12 +403,12 @@ class Recorder:
                 grad_scale = grad_scale.to(device=norms.device, dtype=norms.dtype)
             norms = norms / grad_scale
         route = "+".join(dict.fromkeys(acc.routes)) or "none"
-        return Statistics(norms, losses, present, route)
+        return Statistics(norms, losses, present, route, acc._absent, acc._uncut)
 
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_calls=[], _views=None, _captures=[], _acc=None, _hook=None, _weights=None)
+        state.update(_calls=[], _views=None, _captures=[], _acc=None, _hooks=[], _weights=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

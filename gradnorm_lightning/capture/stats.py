@@ -8,8 +8,14 @@ any norm is taken. They come in one of two forms:
 * :class:`Factored`: a Linear layer's per-task gradients as ``dW_t = G_t^T H`` (rows of
   inputs ``H``, per-task output gradients ``G_t``), never materialised: the norms come from
   ``<G_t G_t^T, H H^T>`` (the "ghost norm") or one batched product, whichever is cheaper;
-* a dense ``(T, P)`` tensor of per-task gradients over the layer's trainable parameters, in
-  the order of ``named_parameters()``.
+* a dense ``(T, P)`` tensor of per-task gradients over some trainable parameters, in order;
+* :class:`RowSparse`: an embedding table's per-task gradients as the rows the batch touched
+  (row indices with duplicates, and one ``(T, N, D)`` block of row gradients), never
+  materialised as the ``(V, D)`` table: the norm is taken over the touched rows.
+
+Each piece covers its own parameters (one shared module's, or every shared parameter for the
+generic rule); pieces of disjoint parameters combine by the square root of the sum of their
+squared norms, pieces of the same parameters from several backward passes are summed first.
 
 Norms are right to rounding for every finite gradient in float32 (no overflow of a sum of
 squares, no loss to subnormal squares): the factors (or rows) are first scaled to at most 1 in
@@ -28,9 +34,7 @@ from torch import Tensor
 from gradnorm_lightning import _arrays
 from gradnorm_lightning._arrays import as_dtype
 
-__all__ = ["Accumulator", "Factored", "safe_norms"]
-
-
+__all__ = ["Accumulator", "Factored", "RowSparse", "safe_norms"]
 
 
 def _inverse_peak(x: Tensor, dims: tuple[int, ...] | None = None, floor: float | None = None) -> Tensor:
@@ -186,6 +190,113 @@ class Factored:
         )
 
 
+@dataclasses.dataclass
+class RowSparse:
+    """Per-task gradients of an embedding table ``(V, D)``: the rows the batch touched.
+
+    Task ``t``'s gradient is ``sum_n values[t, n]`` added into row ``rows[n]`` (a row index
+    may repeat). Its norm is taken over the touched rows after the repeats are summed, by a
+    sort and a segment sum of fixed size (no data-dependent shape, so no host synchronisation).
+
+    Attributes:
+        rows: ``(N,)`` row indices (int64).
+        values: ``(T, N, D)`` per-task row gradients.
+        num_rows: ``V``, the table's number of rows.
+    """
+
+    rows: Tensor
+    values: Tensor
+    num_rows: int
+
+    def _summed(self) -> Tensor:
+        """``(T, N, D)``: the repeats of each row summed into one slot, the other slots zero."""
+        n = self.rows.numel()
+        if n <= 1:
+            return self.values
+        ordered, perm = torch.sort(self.rows)
+        segment = torch.cat([ordered.new_zeros(1), (ordered[1:] != ordered[:-1]).cumsum(0)])
+        out = torch.zeros_like(self.values)
+        return out.index_add_(1, segment, self.values.index_select(1, perm))
+
+    def norms(self, present: Tensor | None = None) -> Tensor:
+        """``||dW_t||`` for every task, overflow-safe."""
+        return safe_norms(self._summed(), present)
+
+    def dense(self) -> Tensor:
+        """The ``(T, V * D)`` gradients (the whole table: for reductions only)."""
+        num_tasks, _, d = self.values.shape
+        out = self.values.new_zeros(num_tasks, self.num_rows, d)
+        return out.index_add_(1, self.rows, self.values).reshape(num_tasks, -1)
+
+    @staticmethod
+    def cat(blocks: list[RowSparse]) -> RowSparse:
+        """The blocks of several backward passes as one (rows and values concatenated)."""
+        if len(blocks) == 1:
+            return blocks[0]
+        return RowSparse(torch.cat([b.rows for b in blocks]), torch.cat([b.values for b in blocks], dim=1),
+                         blocks[0].num_rows)
+
+
+Form = Factored | Tensor | RowSparse
+"""One piece of per-task parameter gradients: factored (Linear), dense ``(T, P)``, or row-sparse."""
+
+
+class _Piece:
+    """Per-task gradients of one set of parameters, summed over backward passes."""
+
+    __slots__ = ("dense", "factored", "params", "sparse")
+
+    def __init__(self, params: tuple[int, ...]) -> None:
+        self.params = params  # ids of the parameters covered, in order
+        self.factored: list[Factored] = []
+        self.sparse: list[RowSparse] = []
+        self.dense: Tensor | None = None
+
+    def add(self, grads: Form) -> None:
+        if isinstance(grads, Factored):
+            if self.factored and (grads.weight, grads.bias, grads.rows.shape[1]) != (
+                self.factored[0].weight, self.factored[0].bias, self.factored[0].rows.shape[1]
+            ):
+                self._add_dense(Factored.cat(self.factored).dense())
+                self.factored = []
+            self.factored.append(grads)
+        elif isinstance(grads, RowSparse):
+            self.sparse.append(grads)
+        else:
+            self._add_dense(grads)
+
+    def _add_dense(self, grads: Tensor) -> None:
+        if self.dense is None:
+            self.dense = grads
+        elif self.dense.shape != grads.shape:
+            raise ValueError(
+                "The shared layer's trainable parameters changed within one optimizer step "
+                f"({self.dense.shape[1]} then {grads.shape[1]} values): freeze or unfreeze them "
+                "between optimizer steps, not between the backward passes of one."
+            )
+        else:
+            self.dense = self.dense + grads
+
+    def to_dense(self) -> Tensor:
+        """Everything as one dense ``(T, P)`` block (the forms summed)."""
+        if self.factored:
+            self._add_dense(Factored.cat(self.factored).dense())
+            self.factored = []
+        if self.sparse:
+            self._add_dense(RowSparse.cat(self.sparse).dense())
+            self.sparse = []
+        assert self.dense is not None
+        return self.dense
+
+    def norms(self, present: Tensor) -> Tensor:
+        kinds = bool(self.factored) + bool(self.sparse) + (self.dense is not None)
+        if kinds == 1 and self.factored:
+            return Factored.cat(self.factored).norms()
+        if kinds == 1 and self.sparse:
+            return RowSparse.cat(self.sparse).norms(present)
+        return safe_norms(self.to_dense(), present)
+
+
 class Accumulator:
     """What the backward passes of one optimizer step recorded, per task.
 
@@ -200,15 +311,18 @@ class Accumulator:
         # each backward pass's (loss values, presence, scale c): combined when read
         self._passes: list[tuple[Tensor, Tensor, Tensor]] = []
         self._sums: tuple[Tensor, Tensor] | None = None
-        self.factored: list[Factored] = []
-        self.dense: Tensor | None = None
+        self._absent: Tensor | None = None
+        self._uncut: Tensor | None = None
+        self._pieces: dict[object, _Piece] = {}
         self.rep_norms: Tensor | None = None
         self.routes: list[str] = []
 
+    def _zeros(self) -> Tensor:
+        return torch.zeros(self.num_tasks, dtype=self.dtype, device=self.device)
+
     def _loss_sums(self) -> tuple[Tensor, Tensor]:
         if self._sums is None:
-            total = torch.zeros(self.num_tasks, dtype=self.dtype, device=self.device)
-            weight = torch.zeros(self.num_tasks, dtype=self.dtype, device=self.device)
+            total, weight = self._zeros(), self._zeros()
             for values, present, scale in self._passes:
                 pass_weight = present * scale
                 total = total + torch.where(present, as_dtype(values, self.dtype), 0.0) * pass_weight
@@ -226,72 +340,100 @@ class Accumulator:
         """``sum_passes c`` over the passes task ``i`` was present in."""
         return self._loss_sums()[1]
 
-    def add_losses(self, values: Tensor, present: Tensor, scale: Tensor) -> None:
-        """One backward pass's task losses and its scale ``c`` (combined when read)."""
-        self._passes.append((values, present, scale))
-        self._sums = None
-
     def losses(self) -> tuple[Tensor, Tensor]:
         """``(losses, present)``: each task's loss averaged over the passes it was present in, weighted
         by their scales (0 for a task absent from every pass), and whether it was present in any.
-        (One pass: its losses as they are, without the weighting.)"""
+        (One pass: its losses as they are, without the arithmetic.)"""
         if len(self._passes) == 1:
             values, present, _ = self._passes[0]
             return torch.where(present, as_dtype(values, self.dtype), 0.0), present
         total, weight = self._loss_sums()
         return total / weight.clamp_min(torch.finfo(weight.dtype).tiny), weight > 0
 
-    def add(self, grads: Factored | Tensor) -> None:
-        """Add per-task gradients of the shared layer's trainable parameters."""
-        if isinstance(grads, Factored):
-            if self.factored and (grads.weight, grads.bias, grads.rows.shape[1]) != (
-                self.factored[0].weight, self.factored[0].bias, self.factored[0].rows.shape[1]
-            ):
-                self._add_dense(self._pop_factored())
-            self.factored.append(grads)
-        else:
-            self._add_dense(grads)
+    def _present(self) -> Tensor:
+        """The tasks present in some pass (one pass: its own mask)."""
+        return self._passes[0][1] if len(self._passes) == 1 else self.loss_weight > 0
+
+    @property
+    def absent(self) -> Tensor:
+        """``(T,)``: how many backward passes each task was absent from."""
+        if self._absent is None:
+            self._absent = self._zeros()
+        return self._absent
+
+    @property
+    def uncut(self) -> Tensor:
+        """``(T,)`` bool: tasks absent with a graph in a pass whose route could not cut them off
+        (their backward may have written non-finite values into gradients other tasks share)."""
+        if self._uncut is None:
+            self._uncut = torch.zeros(self.num_tasks, dtype=torch.bool, device=self.device)
+        return self._uncut
+
+    def add_losses(self, values: Tensor, present: Tensor, scale: Tensor) -> None:
+        """One backward pass's task losses and its scale ``c`` (combined when read)."""
+        self._passes.append((values, present, scale))
+        self._sums = None
+
+    def add_absent(self, absent: Tensor) -> None:
+        """Count one backward pass's absent tasks (``(T,)`` bool)."""
+        self._absent = absent.to(self.dtype) if self._absent is None else self._absent + absent
+
+    def add_uncut(self, uncut: Tensor) -> None:
+        """Mark tasks whose absent backward a route could not cut off (``(T,)`` bool)."""
+        self._uncut = uncut if self._uncut is None else self._uncut | uncut
+
+    def add(self, grads: Form, params: tuple[int, ...], key: object = "params") -> None:
+        """Add per-task gradients of the shared parameters ``params`` (their ids, in order).
+
+        Pieces under one ``key`` are summed over backward passes; pieces of different keys
+        cover disjoint parameters (when a later pass covers the same parameters under another
+        key, everything is summed as one dense block over their union).
+        """
+        piece = self._pieces.get(key)
+        if piece is None:
+            taken = {p for other in self._pieces.values() for p in other.params}
+            if taken & set(params):
+                self._merge_all()
+                piece = self._pieces.get("params")
+                if piece is not None and piece.params != params:
+                    piece = None
+            if piece is None:
+                piece = self._pieces[key] = _Piece(params)
+        piece.add(grads)
+
+    def _merge_all(self) -> None:
+        """Everything recorded so far as one dense block keyed ``"params"`` (its parameters in order)."""
+        if len(self._pieces) == 1 and "params" in self._pieces:
+            return
+        params = tuple(p for piece in self._pieces.values() for p in piece.params)
+        dense = torch.cat([piece.to_dense() for piece in self._pieces.values()], dim=1)
+        merged = _Piece(params)
+        merged.dense = dense
+        self._pieces = {"params": merged}
 
     def add_rep_norms(self, norms: Tensor) -> None:
         """Add the norms of per-task gradients at the representation of disjoint rows."""
         self.rep_norms = norms if self.rep_norms is None else torch.hypot(self.rep_norms, norms)
 
-    def _pop_factored(self) -> Tensor:
-        dense = Factored.cat(self.factored).dense()
-        self.factored = []
-        return dense
-
-    def _add_dense(self, grads: Tensor) -> None:
-        if self.dense is None:
-            self.dense = grads
-        elif self.dense.shape != grads.shape:
-            raise ValueError(
-                "The shared layer's trainable parameters changed within one optimizer step "
-                f"({self.dense.shape[1]} then {grads.shape[1]} values): freeze or unfreeze them "
-                "between optimizer steps, not between the backward passes of one."
-            )
-        else:
-            self.dense = self.dense + grads
-
     @property
     def measured(self) -> bool:
         """Whether any per-task gradient statistics were recorded."""
-        return bool(self.factored) or self.dense is not None or self.rep_norms is not None
+        return bool(self._pieces) or self.rep_norms is not None
 
     def dense_grads(self) -> Tensor | None:
-        """The accumulated ``(T, P)`` gradients (materialising factored blocks), or ``None``."""
-        if self.factored:
-            self._add_dense(self._pop_factored())
-        return self.dense
+        """The accumulated ``(T, P)`` gradients over every piece's parameters (materialised), or ``None``."""
+        if not self._pieces:
+            return None
+        return torch.cat([piece.to_dense() for piece in self._pieces.values()], dim=1)
 
     def norms(self) -> Tensor:
         """The per-task norms of the accumulated gradients on this process (NaN if not measured)."""
         if self.rep_norms is not None:
             return self.rep_norms
-        if self.factored and self.dense is None:
-            return Factored.cat(self.factored).norms()
-        dense = self.dense_grads()
-        if dense is None:
+        if not self._pieces:
             return torch.full((self.num_tasks,), float("nan"), dtype=self.dtype, device=self.device)
-        # (tasks absent from every pass do not count)
-        return safe_norms(dense, self._passes[0][1] if len(self._passes) == 1 else self.loss_weight > 0)
+        present = self._present()  # (tasks absent from every pass do not count)
+        parts = [piece.norms(present) for piece in self._pieces.values()]
+        if len(parts) == 1:
+            return parts[0]
+        return safe_norms(torch.stack(parts, dim=1), present)

@@ -60,10 +60,14 @@ class WeightingCallback(Callback):
         log: log the statistics to the Trainer's logger on its logging steps.
         sanitize_grads: zero the model's non-finite gradient entries before its optimizer
             step (:func:`~gradnorm_lightning.zero_nonfinite_grads_`). An absent task (a NaN
-            loss from an empty mask) leaves them through ``0 * inf`` in its own backward;
-            without this they would reach the parameters. Non-finite gradients on a step where
-            every task was present (a real divergence) are counted
-            (``gradnorm/nonfinite_grad_steps``) and warned about on the next logging step.
+            loss from an empty mask, whose backward writes ``0 * inf``) is cut off by the
+            balancer before its gradient meets another task's, so on the exact routes nothing
+            non-finite is left from it; what remains is a real divergence, counted
+            (``gradnorm/nonfinite_grad_steps``) and warned about on the next logging step. On a
+            route that cannot cut an absent task off (``mode="autograd"``, or a loss node that
+            several tasks share) the entries it made non-finite are zeroed, which loses what the
+            present tasks contributed to them: such steps are counted
+            (``gradnorm/lost_grad_steps``) and warned about, naming the tasks.
         options: the strategy's own arguments, validated now by ``balancer_cls.check_options``
             (their normalised values become attributes: ``callback.alpha``) and passed to the
             balancer built in ``setup``.
@@ -88,9 +92,13 @@ class WeightingCallback(Callback):
         self.balancer: Balancer | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._nonfinite_steps: Tensor | None = None
+        self._lost_steps: Tensor | None = None
+        self._uncut_tasks: Tensor | None = None
         self._seen_nonfinite = 0.0
+        self._seen_lost = 0.0
         self._warned: set[str] = set()
         self._set_up = False  # (see state_key)
+        self._checked_terms = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
@@ -160,6 +168,7 @@ class WeightingCallback(Callback):
             self.balancer.reset_pending()
             self.balancer.to(pl_module.device)
             self.balancer.follow_layer_dtype()  # (the model has its precision now)
+        self._checked_terms = False
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -167,6 +176,22 @@ class WeightingCallback(Callback):
         # so that a retry with the same callback does not add them to its first step.
         if self.balancer is not None:
             self.balancer.reset_pending()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # Once per fit: a term added to `combine_task_losses(...)`'s result that reads a head's
+        # activations would count into that task's norm (`extra=` keeps it out).
+        if self._checked_terms or self.balancer is None:
+            return
+        self._checked_terms = True
+        tasks = self.balancer.recorder.outside_terms(loss)
+        if tasks:
+            names = [self.balancer.task_names[t] for t in tasks]
+            rank_zero_warn(
+                f"The loss returned from `training_step` adds a term to `combine_task_losses(...)`'s result that "
+                f"reads the heads of task(s) {names}: its gradient would count into their gradient norms. Pass it "
+                "as `self.combine_task_losses(losses, extra=term)` instead (same model loss, exact norms)."
+            )
 
     @override
     def on_before_optimizer_step(
@@ -184,19 +209,32 @@ class WeightingCallback(Callback):
         grad_scale, found_inf = scaler_state(getattr(trainer.precision_plugin, "scaler", None), optimizer)
         balancer.step(grad_scale=grad_scale, found_inf=found_inf)
         if self.sanitize_grads:
-            found = zero_nonfinite_grads_(pl_module.parameters())
-            count = self._nonfinite_steps
-            if count is None:
-                count = self._nonfinite_steps = torch.zeros((), device=balancer.device)
-            # on the CPU the flag is read for free: a clean step (the usual one) counts nothing
-            if not (_arrays.host_reads_free(found.device) and not bool(found)):
-                diverged = found.to(balancer.device) & balancer.last_stats["present"].all()
-                if found_inf is not None:
-                    diverged = diverged & (found_inf.to(diverged.device) == 0)
-                self._nonfinite_steps = count.to(diverged.device) + diverged
+            self._sanitize(pl_module, balancer, found_inf)
         if self.log and should_update_logs(trainer):
             pl_module.log_dict(self.metrics(balancer), on_step=True, on_epoch=False)
             self._warn(trainer, balancer)
+
+    def _sanitize(self, pl_module: pl.LightningModule, balancer: Balancer, found_inf: Tensor | None) -> None:
+        """Zero the model's non-finite gradients; count a divergence, or a step an absent task's
+        uncut backward made lossy (no host read of a device value)."""
+        found = zero_nonfinite_grads_(pl_module.parameters())
+        if self._nonfinite_steps is None:
+            self._nonfinite_steps = torch.zeros((), device=balancer.device)
+        # on the CPU the flag is read for free: a clean step (the usual one) counts nothing
+        if _arrays.host_reads_free(found.device) and not bool(found):
+            return
+        found = found.to(balancer.device)
+        if found_inf is not None:  # (the GradScaler skips this step: an fp16 overflow, not a divergence)
+            found = found & (found_inf.to(found.device) == 0)
+        uncut = balancer.last_stats.get("uncut")
+        if uncut is None:
+            self._nonfinite_steps = self._nonfinite_steps + found
+            return
+        lossy = found & uncut.any()
+        self._nonfinite_steps = self._nonfinite_steps + (found & ~lossy)
+        self._lost_steps = lossy.to(self._nonfinite_steps.dtype) + (0 if self._lost_steps is None else self._lost_steps)
+        tasks = uncut & lossy
+        self._uncut_tasks = tasks if self._uncut_tasks is None else self._uncut_tasks | tasks
 
     def metrics(self, balancer: Balancer) -> dict[str, Tensor]:
         """The logged statistics of the last update, by log key (0-dim tensors, on the device)."""
@@ -212,6 +250,9 @@ class WeightingCallback(Callback):
             metrics["gradnorm/zero_initial_loss_steps"] = balancer.zero_initial_loss_steps.sum()
         if self._nonfinite_steps is not None:
             metrics["gradnorm/nonfinite_grad_steps"] = self._nonfinite_steps
+            metrics["gradnorm/lost_grad_steps"] = (
+                self._lost_steps if self._lost_steps is not None else torch.zeros_like(self._nonfinite_steps)
+            )
         return metrics
 
     def _warn(self, trainer: pl.Trainer, balancer: Balancer) -> None:
@@ -222,9 +263,22 @@ class WeightingCallback(Callback):
             if count > self._seen_nonfinite:
                 self._seen_nonfinite = count
                 messages.append(
-                    f"The model's gradients were non-finite on {count:.0f} step(s) on which every task was present "
-                    "(a divergence, not an absent task); `sanitize_grads` zeroed them. Lower the model's learning "
-                    "rate or clip its gradients."
+                    f"The model's gradients were non-finite on {count:.0f} step(s) where no absent task can have "
+                    "caused it (a divergence); `sanitize_grads` zeroed them. Lower the model's learning rate or "
+                    "clip its gradients."
+                )
+        if self._lost_steps is not None and self._uncut_tasks is not None:
+            lost = float(self._lost_steps)
+            if lost > self._seen_lost:
+                self._seen_lost = lost
+                names = [n for n, u in zip(balancer.task_names, self._uncut_tasks.tolist()) if u]
+                messages.append(
+                    f"Task(s) {names} were absent from a batch with a non-finite loss whose backward wrote non-finite "
+                    f"values into gradients the tasks share, on a route that cannot cut an absent task off "
+                    f"(see the route in `last_stats['route']`: mode='autograd', or one loss node for several tasks); "
+                    f"`sanitize_grads` zeroed those entries on {lost:.0f} step(s), and what the present tasks "
+                    "contributed to them was lost. Use mode='auto', compute each task's loss as its own tensor, or "
+                    "write a task without labels as `err[mask].mean()`."
                 )
         for message in messages:
             key = message.split(" on ")[0]
@@ -246,6 +300,8 @@ class WeightingCallback(Callback):
         state = self.balancer.state_dict()
         if self._nonfinite_steps is not None:
             state["nonfinite_grad_steps"] = self._nonfinite_steps.detach().clone()
+        if self._lost_steps is not None:
+            state["lost_grad_steps"] = self._lost_steps.detach().clone()
         return state
 
     @override
@@ -259,10 +315,14 @@ class WeightingCallback(Callback):
         assert self.balancer is not None
         state = dict(state)
         nonfinite = state.pop("nonfinite_grad_steps", None)
+        lost = state.pop("lost_grad_steps", None)
         self.balancer.load_state_dict(state)
         if nonfinite is not None:
             self._nonfinite_steps = nonfinite.to(self.balancer.device).clone()
             self._seen_nonfinite = float(nonfinite)
+        if lost is not None:
+            self._lost_steps = lost.to(self.balancer.device).clone()
+            self._seen_lost = float(lost)
 
 
 class GradNormCallback(WeightingCallback):
@@ -274,8 +334,8 @@ class GradNormCallback(WeightingCallback):
     model's device, without host synchronisation) and logs, on the Trainer's logging steps:
     ``gradnorm/weight/<task>``, ``gradnorm/grad_norm/<task>``, ``gradnorm/loss_ratio/<task>``,
     ``gradnorm/inverse_rate/<task>``, ``gradnorm/skipped/<task>``, ``gradnorm/loss``,
-    ``gradnorm/empty_steps``, ``gradnorm/zero_initial_loss_steps`` and
-    ``gradnorm/nonfinite_grad_steps``. Its state (weights, ``L(0)``, weight-optimizer state,
+    ``gradnorm/empty_steps``, ``gradnorm/zero_initial_loss_steps``, ``gradnorm/nonfinite_grad_steps``
+    and ``gradnorm/lost_grad_steps``. Its state (weights, ``L(0)``, weight-optimizer state,
     counters) is saved in checkpoints. On a logging step it warns once if the weights keep
     hitting the floor or jumping, or if a task's first loss was 0. The balancer follows the
     model's precision: float64 under ``precision="64-true"``, float32 otherwise.

@@ -24,7 +24,7 @@ class TaskBalancer(Protocol):
 
     weights: Tensor
 
-    def combine(self, losses: Any) -> Tensor: ...
+    def combine(self, losses: Any, extra: Tensor | None = None) -> Tensor: ...
 
     def task_views(self, z: Tensor) -> tuple[Tensor, ...]: ...
 
@@ -110,12 +110,16 @@ class GradNormMixin:
         names = self.task_names
         return None if names is None else tuple(names)
 
-    def combine_task_losses(self, losses: Mapping[str, Tensor | None]) -> Tensor:
-        """The model loss ``sum_i w_i L_i`` for this step.
+    def combine_task_losses(self, losses: Mapping[str, Tensor | None], extra: Tensor | None = None) -> Tensor:
+        """The model loss ``sum_i w_i L_i`` for this step (plus ``extra``).
 
         Args:
             losses: task name to scalar loss. A task may be missing (no labels in the batch);
                 ``None``, a non-finite loss, or a NaN placeholder without a graph count as missing.
+            extra: a loss term outside the balancing (an auxiliary loss with the weight you gave
+                it, a regulariser), added to the result. Passed here rather than added to the
+                result, it stays out of the tasks' gradient norms even where it reads a head's
+                own activations.
 
         Returns:
             The weighted sum, a 0-dim tensor to return from ``training_step``. For a batch in
@@ -130,7 +134,7 @@ class GradNormMixin:
             raise TypeError(f"`combine_task_losses` takes a dict of task name to loss; got {type(losses).__name__}.")
         balancer = self.task_balancer
         if balancer is not None:
-            combined = balancer.combine(losses)
+            combined = balancer.combine(losses, extra=extra)
             return _empty_loss(self, combined) if combined.grad_fn is None and combined.requires_grad else combined
         declared = self.declared_task_names
         if declared is not None:
@@ -139,9 +143,11 @@ class GradNormMixin:
                 raise ValueError(f"Unknown task(s) {unknown}: the declared tasks are {list(declared)}.")
         values = [v.reshape(()) for v in losses.values() if v is not None]
         if not values:
-            return _empty_loss(self, None)
+            empty = _empty_loss(self, None)
+            return empty if extra is None else empty + extra.reshape(())
         stacked = torch.stack(values)
-        return torch.where(torch.isfinite(stacked), stacked, torch.zeros_like(stacked)).sum()
+        total = torch.where(torch.isfinite(stacked), stacked, torch.zeros_like(stacked)).sum()
+        return total if extra is None else total + extra.reshape(())
 
     @property
     def task_weights(self) -> dict[str, Tensor]:

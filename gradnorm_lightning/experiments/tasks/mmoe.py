@@ -257,7 +257,10 @@ class MMoEModel(MultiTaskModule):
     """Multi-gate Mixture-of-Experts with one softmax gate and one tower per task.
 
     ``experts``: two :class:`BatchedLinear` layers with ReLU (``E`` experts, widths
-    ``expert_hidden`` then ``expert_dim``); the second is GradNorm's shared layer. Task ``t``
+    ``expert_hidden`` then ``expert_dim``); the second is GradNorm's shared layer. With
+    ``separate_experts``, each expert is its own ``Linear → ReLU → Linear`` module (as the
+    original Keras model's ``level_1_expert_shared*`` layers), and the shared layer is the
+    ``nn.ModuleList`` of their last ``Linear`` layers: the norms run over all of them. Task ``t``
     mixes the expert outputs with ``softmax(gate_t(x))`` and feeds the mix to its tower
     ``Linear(expert_dim, tower_dim) → ReLU → Linear(tower_dim, 1)``, whose output is a logit.
 
@@ -270,6 +273,8 @@ class MMoEModel(MultiTaskModule):
         task_names: Task names, in label-column order.
         use_task_views: If true, each task reads its own alias of the experts' output
             (:meth:`task_views` of the mixin).
+        separate_experts: If true, the experts are separate modules and the shared layer is
+            the list of their last layers (several shared modules).
         optimizer: Partially applied optimizer class.
         scheduler: Optional partially applied per-step LR scheduler.
 
@@ -293,14 +298,27 @@ class MMoEModel(MultiTaskModule):
         tower_dim: int = 8,
         task_names: Sequence[str] = RECSYS_TASKS,
         use_task_views: bool = False,
+        separate_experts: bool = False,
         optimizer: OptimizerFactory = torch.optim.Adam,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__(task_names, optimizer, scheduler)
         _check_positive_int("tower_dim", tower_dim)
         self.use_task_views = bool(use_task_views)
-        self.experts_in = BatchedLinear(num_experts, num_features, expert_hidden)
-        self.experts_out = BatchedLinear(num_experts, expert_hidden, expert_dim)
+        self.separate_experts = bool(separate_experts)
+        if self.separate_experts:
+            _check_positive_int("num_experts", num_experts)
+            self.experts = nn.ModuleList(
+                [
+                    nn.Sequential(
+                        nn.Linear(num_features, expert_hidden), nn.ReLU(), nn.Linear(expert_hidden, expert_dim)
+                    )
+                    for _ in range(num_experts)
+                ]
+            )
+        else:
+            self.experts_in = BatchedLinear(num_experts, num_features, expert_hidden)
+            self.experts_out = BatchedLinear(num_experts, expert_hidden, expert_dim)
         self.gates = nn.ModuleDict(
             {n: nn.Linear(num_features, num_experts) for n in self.task_names}
         )
@@ -315,11 +333,14 @@ class MMoEModel(MultiTaskModule):
         self.metrics = MultitaskWrapper({n: BinaryAUROC() for n in self.task_names})
 
     def shared_layer(self) -> nn.Module:
-        """The experts' last layer (all experts' weights in one module).
+        """The experts' last layer (all experts' weights in one module), or with
+        ``separate_experts`` the list of each expert's last ``Linear``.
 
         Returns:
-            The :class:`BatchedLinear` producing the expert outputs.
+            The :class:`BatchedLinear` producing the expert outputs, or an ``nn.ModuleList``.
         """
+        if self.separate_experts:
+            return nn.ModuleList([expert[-1] for expert in self.experts])  # type: ignore[index]
         return self.experts_out
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -331,7 +352,10 @@ class MMoEModel(MultiTaskModule):
         Returns:
             A dict ``task name -> (batch,)`` logits.
         """
-        z = self.experts_out(F.relu(self.experts_in(x)))  # (batch, E, expert_dim)
+        if self.separate_experts:
+            z = torch.stack([expert(x) for expert in self.experts], dim=1)  # (batch, E, expert_dim)
+        else:
+            z = self.experts_out(F.relu(self.experts_in(x)))
         views: dict[str, Tensor] = (
             self.task_views(z) if self.use_task_views else dict.fromkeys(self.task_names, z)
         )
