@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/count_ops.py [--workload toy] [--optimizer adam|sgd] [--device-path]
+    python benchmarks/count_ops.py [--workload toy] [--optimizer adam|sgd] [--device-path] [--update-every K]
 
 On a GPU every operation is a kernel launch plus Python dispatch, so the count is what a
 launch-bound step pays; on the CPU it is dispatch. The plain summed-loss step and the GradNorm
@@ -103,7 +103,7 @@ def _device_path() -> Iterator[None]:
 
 
 def count(name: str = "toy", optimizer: str = "adam", views: bool = False, device_path: bool = False,
-          warmup: int = 3, tiny: bool = False) -> dict[str, tuple[int, int]]:
+          warmup: int = 3, tiny: bool = False, update_every: int = 1) -> dict[str, tuple[int, int]]:
     """``{phase: (plain ops, GradNorm ops)}`` of one step, and ``"total"``.
 
     Args:
@@ -115,11 +115,13 @@ def count(name: str = "toy", optimizer: str = "adam", views: bool = False, devic
             learns it from its first step).
         warmup: steps before the counted one.
         tiny: the workload's test-sized variant.
+        update_every: GradNorm's ``update_every`` (with ``warmup`` not a multiple of it, the
+            counted step is one that measures nothing).
     """
     torch.set_num_threads(1)
     wl = workload(name, tiny=tiny)
     batches = make_batches(wl, warmup + 1)
-    settings = {**gradnorm_settings(wl), "optimizer": optimizer}
+    settings = {**gradnorm_settings(wl), "optimizer": optimizer, "update_every": update_every}
     counts: dict[str, tuple[int, int]] = {}
     per_method = []
     for gradnorm in (None, settings):
@@ -137,10 +139,13 @@ def count(name: str = "toy", optimizer: str = "adam", views: bool = False, devic
     return counts
 
 
-def table(name: str, optimizer: str, device_path: bool, tiny: bool = False) -> list[str]:
-    """The Markdown table of the default path and ``task_views``."""
-    runs = {views: count(name, optimizer, views, device_path, tiny=tiny) for views in (False, True)}
-    lines = [f"workload {name}, optimizer={optimizer}, "
+def table(name: str, optimizer: str, device_path: bool, tiny: bool = False, update_every: int = 1) -> list[str]:
+    """The Markdown table of the default path and ``task_views`` (``update_every > 1``: of a step
+    that measures nothing)."""
+    warmup = 3 if update_every == 1 else update_every + 1
+    runs = {views: count(name, optimizer, views, device_path, warmup, tiny, update_every) for views in (False, True)}
+    schedule = "" if update_every == 1 else f", update_every={update_every} (a step that measures nothing)"
+    lines = [f"workload {name}, optimizer={optimizer}{schedule}, "
              f"{'as a GPU runs it (no host reads)' if device_path else 'on the CPU'}: top-level aten operations",
              "", "| phase | plain | default | added | task_views | added |", "|---|---:|---:|---:|---:|---:|"]
     for phase in (*PHASES, "other", "total"):
@@ -158,8 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workload", choices=WORKLOADS, default="toy")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--device-path", action="store_true", help="count the step as a GPU runs it")
+    parser.add_argument("--update-every", type=int, default=1,
+                        help="count a step that measures nothing under this update_every")
     args = parser.parse_args(argv)
-    print("\n".join(table(args.workload, args.optimizer, args.device_path)))
+    if args.update_every < 1:
+        parser.error("--update-every must be at least 1")
+    print("\n".join(table(args.workload, args.optimizer, args.device_path, update_every=args.update_every)))
 
 
 if __name__ == "__main__":

@@ -485,19 +485,22 @@ class ProjectGradNorm(Method):
     """``gradnorm_lightning.GradNorm`` in a plain PyTorch loop (public API only).
 
     ``loss = gn.combine(losses); loss.backward(); gn.step(); opt.step()`` with the losses
-    as a list (``sanitize=True``: ``zero_nonfinite_grads_`` before ``opt.step()``, as the
+    as a list (``update_every=k``: the statistics and the update on every k-th step only; such a
+    row has no textbook trajectory, ``reference=None``) (``sanitize=True``: ``zero_nonfinite_grads_`` before ``opt.step()``, as the
     README's plain-loop quickstart). ``views=True`` makes the heads read ``gn.task_views(z)`` (the zero-extra-pass
     path). Every setting is passed explicitly (:func:`gradnorm_settings`).
     """
 
     def __init__(self, wl: Workload, model: MultiTaskNet, views: bool = False, mode: str = "auto",
-                 name: str = "gradnorm-lightning GradNorm", reference: str = "W", sanitize: bool = False) -> None:
+                 name: str = "gradnorm-lightning GradNorm", reference: str | None = "W", sanitize: bool = False,
+                 update_every: int = 1) -> None:
         super().__init__(wl, model)
         from gradnorm_lightning import GradNorm, zero_nonfinite_grads_
 
         self._sanitize = zero_nonfinite_grads_ if sanitize else None
 
-        self.gn = GradNorm(model.shared_layer, num_tasks=wl.num_tasks, **gradnorm_settings(wl, mode))
+        self.gn = GradNorm(model.shared_layer, num_tasks=wl.num_tasks, update_every=update_every,
+                           **gradnorm_settings(wl, mode))
         if views:
             model.view_fn = self.gn.task_views
         self.name = name
@@ -550,6 +553,11 @@ def method_factories(include_project: bool | None = None, wl: Workload | None = 
                 reference="rep")),
             ("gnl-autograd", lambda wl, m: ProjectGradNorm(
                 wl, m, mode="autograd", name="gradnorm-lightning mode=autograd")),
+            # (not Algorithm 1 on every step: no trajectory check; the cost of a schedule)
+            ("gnl-every4", lambda wl, m: ProjectGradNorm(
+                wl, m, name="gradnorm-lightning default, update_every=4", reference=None, update_every=4)),
+            ("gnl-every10", lambda wl, m: ProjectGradNorm(
+                wl, m, name="gradnorm-lightning default, update_every=10", reference=None, update_every=10)),
         ]
     if wl is not None:
         rows = [(k, f) for k, f in rows if getattr(f, "applies", lambda _: True)(wl)]

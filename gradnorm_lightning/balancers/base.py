@@ -53,6 +53,12 @@ def _layer_dtype(layer: nn.Module | Sequence[nn.Module]) -> torch.dtype:
     return torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
 
 
+def _optional_integer(name: str) -> Callable[[Any], int | None]:
+    """A checker of a positive integer option that may be ``None``."""
+    check = _integer(name)
+    return lambda value: None if value is None else check(value)
+
+
 def _no_task_message(names: Sequence[str]) -> str:
     return (
         f"No task loss given and the task names are not known yet ({list(names)}): declare them "
@@ -78,6 +84,11 @@ class Balancer(TaskState):
         track_grad_norms: measure the per-task gradient norms (strategies that do not need
             them may turn this off; then ``grad_norms`` are NaN).
         recorder: a recorder to use instead of building one from ``mode``/``distributed``.
+        update_every: measure the statistics and update the weights on optimizer steps 0, k,
+            2k, ... only; the other steps train with the current weights as plain steps (no
+            statistics taken).
+        freeze_after: after this many applied weight updates the weights stay fixed and nothing
+            is measured any more (``None``: never); see :attr:`frozen`.
 
     Raises:
         TypeError: for arguments of the wrong type.
@@ -99,6 +110,8 @@ class Balancer(TaskState):
         "mode": _choice("mode", MODES),
         "distributed": _choice("distributed", DISTRIBUTED_MODES),
         "track_grad_norms": _flag,
+        "update_every": _integer("update_every"),
+        "freeze_after": _optional_integer("freeze_after"),
     }
 
     @classmethod
@@ -136,12 +149,17 @@ class Balancer(TaskState):
         distributed: str = "exact",
         track_grad_norms: bool = True,
         recorder: Recorder | None = None,
+        update_every: int = 1,
+        freeze_after: int | None = None,
     ) -> None:
         self.shared_layer = _check_shared_layer(shared_layer)
         base = self.check_options(
             initial_losses=initial_losses, initial_loss_steps=initial_loss_steps, mode=mode,
-            distributed=distributed, track_grad_norms=track_grad_norms,
+            distributed=distributed, track_grad_norms=track_grad_norms, update_every=update_every,
+            freeze_after=freeze_after,
         )
+        self.update_every: int = base["update_every"]
+        self.freeze_after: int | None = base["freeze_after"]
         self.initial_losses = base["initial_losses"]
         self.initial_loss_steps: int = base["initial_loss_steps"]
         self.mode: str = base["mode"]
@@ -169,10 +187,15 @@ class Balancer(TaskState):
         self._known_initial: Tensor | None = None
         self._initial_probe: _arrays.HostFlag | None = None
         self._warned_float16 = False
+        self._frozen = False
+        self._freeze_fired = False  # (freeze_after froze the weights once: it is done)
+        self._freeze_probe: _arrays.HostFlag | None = None
+        self._measuring = True
         self.steps = 0
         self.last_stats: dict[str, Any] = {}
         if names is not None:
             self._init_tasks(names)
+        self._plan_next_step()
 
     # ------------------------------------------------------------------ what a strategy adds
     def propose(self, inputs: StepInputs) -> Proposal:
@@ -217,6 +240,72 @@ class Balancer(TaskState):
             torch.float64
         """
         self.set_dtype(_layer_dtype(self.shared_layer))
+
+    # ------------------------------------------------------------------ which steps measure
+    @property
+    def frozen(self) -> bool:
+        """Whether the weights are frozen: they stay as they are and nothing is measured (each step
+        is a plain step). ``freeze_after`` sets it once that many updates were applied; set it by
+        hand at any time (``gn.frozen = True``: ablations, a warm-up schedule). Saved in checkpoints.
+
+        Example::
+
+            >>> gn = Balancer(nn.Linear(2, 2), num_tasks=2)
+            >>> gn.frozen = True
+            >>> gn.frozen, gn.recorder.measuring
+            (True, False)
+        """
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"`frozen` must be True or False; got {value!r}.")
+        self._frozen = value
+        self._plan_next_step()
+
+    @property
+    def measures_next_step(self) -> bool:
+        """Whether the next optimizer step measures statistics and updates the weights (not frozen,
+        and a multiple of ``update_every``)."""
+        return self._measuring
+
+    def _plan_next_step(self) -> None:
+        """Tell the recorder whether the coming step is measured (before its forward)."""
+        self._measuring = not self._frozen and self.steps % self.update_every == 0
+        self.recorder.measuring = self._measuring
+
+    def _probe_freeze(self) -> None:
+        """``freeze_after``: the device stops applying updates at the N-th (see ``_update``); the host
+        freezes once it reads that the count is reached (never waiting for the device)."""
+        probe = self._freeze_probe
+        if probe is None or probe.value() is False:  # (none in flight: ask again)
+            assert self.freeze_after is not None
+            probe = self._freeze_probe = _arrays.HostFlag(self.num_updates >= self.freeze_after)
+        if probe.value():
+            self._freeze_probe = None
+            self._freeze_fired = self._frozen = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the weight trajectory exactly (with :attr:`frozen`)."""
+        state = super().state_dict()
+        state.update(frozen=self._frozen, freeze_fired=self._freeze_fired)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (a checkpoint without ``frozen`` is not frozen).
+
+        Raises:
+            ValueError: if the checkpoint's tasks or strategy differ from this balancer's.
+        """
+        super().load_state_dict(state)
+        self._frozen = bool(state.get("frozen", False))
+        self._freeze_fired = bool(state.get("freeze_fired", False))
+        self._freeze_probe = None
+        if self.freeze_after is not None and not self._freeze_fired and self.initialized \
+                and float(self.num_updates) >= self.freeze_after:  # (read once, at load)
+            self._freeze_fired = self._frozen = True
+        self._plan_next_step()
 
     # ------------------------------------------------------------------ hooks
     def attach_hooks(self) -> None:
@@ -362,7 +451,8 @@ class Balancer(TaskState):
         Call it after the model's backward (after every backward pass of an accumulation
         window), before or after the model's optimizer step. Without a recorded ``combine``
         it does nothing. Runs on the weights' device as a few dozen torch operations, without
-        reading any value on the host.
+        reading any value on the host. On a step that measures nothing (``update_every``,
+        :attr:`frozen`) it only counts the absent tasks.
 
         Args:
             grad_scale: the factor the recorded backward passes were scaled by beyond the
@@ -376,8 +466,15 @@ class Balancer(TaskState):
         stats = self.recorder.collect(grad_scale)
         if stats is None:
             return
+        measured = self._measuring
         self.steps += 1
-        self._update(stats, found_inf)
+        if measured:
+            self._update(stats, found_inf)
+        else:
+            self._plain_step(stats)
+        if self.freeze_after is not None and not self._freeze_fired and self.initialized:
+            self._probe_freeze()
+        self._plan_next_step()
 
     def _initial_losses(self, present: Tensor, losses: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """``L(0)`` for this step and the new measurement state.
@@ -407,13 +504,12 @@ class Balancer(TaskState):
         """Once every ``L(0)`` is known for good (fixed, or measured over its steps and positive),
         the update stops measuring it: the flag is read on the host as it arrives, never waited for."""
         probe = self._initial_probe
-        if probe is not None and probe.value():
+        if probe is None or probe.value() is False:  # (none in flight: ask again)
+            done = (self.initial_loss_sum > 0) & (self.initial_loss_count >= self.initial_loss_steps)
+            probe = self._initial_probe = _arrays.HostFlag((done | self._fixed_mask).all())
+        if probe.value():
             self._known_initial = self.current_initial_losses
             self._initial_probe = None
-            return
-        if probe is None or probe.value() is not None:
-            done = (self.initial_loss_sum > 0) & (self.initial_loss_count >= self.initial_loss_steps)
-            self._initial_probe = _arrays.HostFlag((done | self._fixed_mask).all())
 
     def _update(self, stats: Statistics, found_inf: Tensor | None) -> None:
         """The update: ``L(0)``, the loss ratios, the strategy's proposal, the commit."""
@@ -442,6 +538,8 @@ class Balancer(TaskState):
             ok = ok & (valid if valid.dim() == 0 else (valid | ~present).all())
         if found_inf is not None:
             ok = ok & (found_inf.to(self.device) == 0).all()
+        if self.freeze_after is not None and not self._freeze_fired:
+            ok = ok & (self.num_updates < self.freeze_after)  # (exact, before the host knows)
         new.update(proposal.state)
         new["weights"] = proposal.weights
         # per-task counters, written whether or not the update applies
@@ -458,6 +556,19 @@ class Balancer(TaskState):
         if proposal.objective is not None:
             logged["loss"] = proposal.objective
         self._set_last_stats(stats, logged, ok)
+
+    def _plain_step(self, stats: Statistics) -> None:
+        """A step that measured nothing: absent tasks are counted; the statistics of the last
+        measured step stay in ``last_stats`` (NaN before the first), with this step's weights,
+        presence and route, and ``applied`` false."""
+        if stats.absent is not None:
+            self.skipped = self.skipped + stats.absent
+        last = self.last_stats
+        if "grad_norms" not in last:
+            unmeasured = self.weights.new_full((self.num_tasks,), float("nan"))
+            last = {"grad_norms": unmeasured, "loss_ratios": unmeasured, "inverse_rates": unmeasured}
+        self.last_stats = {**last, "weights": self.weights, "skipped": self.skipped, "present": stats.present,
+                           "applied": self._no_count, "route": stats.route}
 
     def _set_last_stats(self, stats: Statistics, logged: dict[str, Tensor], applied: Tensor) -> None:
         self.last_stats = {

@@ -86,6 +86,12 @@ class GradNorm(Balancer):
             local norms and losses (``3T`` floats) and uses the mean of the local norms.
         recorder: a :class:`~gradnorm_lightning.capture.Recorder` to use (default: one built
             from ``mode`` and ``distributed``).
+        update_every: measure the statistics and update the weights on optimizer steps 0, k, 2k,
+            ... only (Algorithm 1's update on those steps, ``L(0)`` from step 0); the other steps
+            train with the current weights as plain steps, so a step costs about
+            ``1 + (x - 1) / k`` plain steps where ``x`` is a measured step's cost.
+        freeze_after: after this many applied weight updates the weights stay fixed and every
+            step is a plain step (``None``: never); :attr:`frozen` can also be set by hand.
 
     Raises:
         TypeError: for arguments of the wrong type.
@@ -157,10 +163,12 @@ class GradNorm(Balancer):
         mode: str = "auto",
         distributed: str = "exact",
         recorder: Recorder | None = None,
+        update_every: int = 1,
+        freeze_after: int | None = None,
     ) -> None:
         own = self.check_options(**own_arguments(
             locals(), "shared_layer", "num_tasks", "task_names", "initial_losses", "initial_loss_steps", "mode",
-            "distributed", "recorder",
+            "distributed", "recorder", "update_every", "freeze_after",
         ))
         self.alpha: float = own["alpha"]
         self.lr: float = own["lr"]
@@ -178,6 +186,7 @@ class GradNorm(Balancer):
         super().__init__(
             shared_layer, num_tasks, task_names=task_names, initial_losses=initial_losses,
             initial_loss_steps=initial_loss_steps, mode=mode, distributed=distributed, recorder=recorder,
+            update_every=update_every, freeze_after=freeze_after,
         )
 
     def options(self) -> dict[str, Any]:
