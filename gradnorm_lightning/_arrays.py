@@ -52,8 +52,11 @@ class HostFlag:
             self._event.record()
             self._host = buffer.numpy()  # (a view of the pinned buffer: read without torch)
 
-    def value(self) -> bool | None:
-        """The flag, or ``None`` while it is not on the host yet."""
-        if self._value is None and self._event is not None and self._event.query():
+    def value(self, wait: bool = False) -> bool | None:
+        """The flag, or ``None`` while it is not on the host yet (``wait``: wait for it; it was
+        posted a step ago, so in practice it is there)."""
+        if self._value is None and self._event is not None and (wait or self._event.query()):
+            if wait:
+                self._event.synchronize()
             self._value = bool(self._host[()])
         return self._value

@@ -277,10 +277,12 @@ class Balancer(TaskState):
 
     def _probe_freeze(self) -> None:
         """``freeze_after``: the device stops applying updates at the N-th (see ``_update``); the host
-        freezes once it reads that the count is reached (never waiting for the device)."""
+        freezes once it reads that the count is reached: on the CPU at once, on a GPU one step
+        later (the flag then waited for, though it is there in practice), so that every process
+        freezes on the same step (a frozen step takes part in no reduction of statistics)."""
+        assert self.freeze_after is not None
         probe = self._freeze_probe
-        if probe is None or probe.value() is False:  # (none in flight: ask again)
-            assert self.freeze_after is not None
+        if probe is None or not probe.value(wait=True):
             probe = self._freeze_probe = _arrays.HostFlag(self.num_updates >= self.freeze_after)
         if probe.value():
             self._freeze_probe = None
