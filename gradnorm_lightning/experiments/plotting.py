@@ -30,13 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.lines import Line2D
+
+from gradnorm_lightning.experiments._extras import require
 
 __all__ = ["find_metrics_csv", "main", "plot_runs", "read_metrics"]
 
@@ -161,6 +157,13 @@ def _panel_series(metrics: dict[str, Series], panel: _Panel) -> dict[str, Series
     }
 
 
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, imported on first use."""
+    matplotlib = require("matplotlib", "The figure (gradnorm-plot, gradnorm.png)")
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", "The figure (gradnorm-plot, gradnorm.png)")
+
+
 def plot_runs(
     run_dirs: Sequence[str | Path],
     out: str | Path,
@@ -191,6 +194,7 @@ def plot_runs(
         raise ValueError(
             f"`labels` must have one entry per run ({len(run_dirs)}); got {len(labels)}: {list(labels)!r}."
         )
+    plt = _pyplot()
     runs = [_with_weighted_norms(read_metrics(find_metrics_csv(d))) for d in run_dirs]
     panels = [p for p in _PANELS if any(_panel_series(m, p) for m in runs)]
     if not panels:
@@ -220,10 +224,11 @@ def plot_runs(
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
 
-    handles = [Line2D([], [], color=colors[t], label=t) for t in tasks]
+    line = require("matplotlib.lines", "The figure").Line2D
+    handles = [line([], [], color=colors[t], label=t) for t in tasks]
     if len(runs) > 1:
         handles += [
-            Line2D([], [], color="black", linestyle=s, label=label)
+            line([], [], color="black", linestyle=s, label=label)
             for label, s in zip(labels, itertools.cycle(_LINESTYLES), strict=False)
         ]
     fig.legend(handles=handles, loc="outside right center", fontsize="small")

@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
+from gradnorm_lightning.experiments._extras import INSTALL_HINT, has_module
 from gradnorm_lightning.experiments.plotting import plot_runs
 from gradnorm_lightning.experiments.recorder import METRICS_CSV, MetricsRecorder
 from gradnorm_lightning.experiments.summary import (
@@ -48,7 +49,7 @@ from gradnorm_lightning.experiments.summary import (
     write_summary,
 )
 
-__all__ = ["instantiate_callbacks", "instantiate_loggers", "main", "train"]
+__all__ = ["check_extras", "instantiate_callbacks", "instantiate_loggers", "main", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,36 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     return loggers
 
 
+def check_extras(cfg: DictConfig) -> None:
+    """Fail before training when the run needs a package of the ``[experiments]`` extra that is missing.
+
+    The figure needs matplotlib (unless ``plot=false``), a TensorBoard logger needs
+    tensorboard; the digits data module imports scikit-learn itself when it loads the data.
+
+    Args:
+        cfg: The composed config.
+
+    Raises:
+        ModuleNotFoundError: Naming the missing package and the ``pip install`` that fixes it.
+    """
+    needs: list[tuple[str, str]] = []
+    if cfg.get("plot", True):
+        needs.append(("matplotlib", "The figure gradnorm.png (or set plot=false)"))
+    loggers = cfg.get("logger") or {}
+    if isinstance(loggers, DictConfig) and any(
+        isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("TensorBoardLogger")
+        for node in loggers.values()
+    ):
+        needs.append(("tensorboard", "The TensorBoard logger (logger=tensorboard or csv_tensorboard)"))
+    for module, purpose in needs:
+        if not has_module(module):
+            raise ModuleNotFoundError(
+                f"{purpose} needs {module}, which is not installed. It comes with the tooling's "
+                f"extra: {INSTALL_HINT}.",
+                name=module,
+            )
+
+
 def _hydra_choice(group: str) -> str | None:
     """The option chosen for a config group in the current Hydra run, if any."""
     if not HydraConfig.initialized():
@@ -145,7 +176,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         hydra.errors.InstantiationException: If a config entry cannot be built (the message
             names its full key, e.g. ``callbacks.gradnorm``).
         TypeError: If ``callbacks`` or ``logger`` entries build the wrong kind of object.
+        ModuleNotFoundError: If the run needs a package of the ``[experiments]`` extra that
+            is not installed (:func:`check_extras`).
     """
+    check_extras(cfg)
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     if cfg.get("seed") is not None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 from torchmetrics.wrappers import MultitaskWrapper
 
+from gradnorm_lightning.experiments._extras import require
 from gradnorm_lightning.experiments.tasks._base import (
     Batch,
     MultiTaskModule,
@@ -79,8 +79,12 @@ class DigitsDataModule(SplitDataModule):
 
         Returns:
             ``train``/``val``/``test`` datasets of ``(image, label, ink)`` triples.
+
+        Raises:
+            ModuleNotFoundError: If scikit-learn (the ``[experiments]`` extra) is missing.
         """
-        bunch = load_digits()
+        datasets = require("sklearn.datasets", "The digits experiment", "scikit-learn")
+        bunch = datasets.load_digits()
         images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
         labels = torch.as_tensor(bunch.target, dtype=torch.long)
         n = images.shape[0]
