@@ -8,10 +8,12 @@
   logging steps), recorded by :class:`~gradnorm_lightning.experiments.recorder.MetricsRecorder`
   whatever logger is configured (``logger=csv``, ``tensorboard``, ``csv_tensorboard``, or
   none: ``logger=none`` or ``~logger``);
-* ``gradnorm.png``: task weights, gradient norms and inverse training rates per task over
-  steps (:func:`gradnorm_lightning.experiments.plotting.plot_runs`), drawn from that file;
+* ``gradnorm.png``: task weights, weighted and unweighted gradient norms, loss ratios and
+  inverse training rates per task over steps, the tasks named with what the data module knows
+  (``task_descriptions``, e.g. each toy task's σ)
+  (:func:`gradnorm_lightning.experiments.plotting.plot_runs`), drawn from that file;
 * ``summary.json`` and ``summary.txt``: final weights, per-task test loss and metric, time
-  per training step and total steps (:mod:`gradnorm_lightning.experiments.summary`);
+  per training step and total steps, the task descriptions (:mod:`gradnorm_lightning.experiments.summary`);
 * the loggers' own files: ``csv/metrics.csv`` (CSV logger, the default; all logged keys,
   validation and test included), ``tensorboard/`` (TensorBoard logger);
 * ``checkpoints/`` (the ``model_checkpoint`` callback).
@@ -214,13 +216,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics_csv = out_dir / METRICS_CSV
     if trainer.is_global_zero and metrics_csv.is_file():
         files["metrics_csv"] = str(metrics_csv)
+    describe = getattr(datamodule, "task_descriptions", None)
+    names = getattr(model, "task_names", None)
+    descriptions: dict[str, str] = dict(describe(names)) if callable(describe) and names else {}
+    weighting = _hydra_choice("weighting") or (
+        "gradnorm" if "gradnorm" in (cfg.get("callbacks") or {}) else None
+    )
+    label = " · ".join(str(part) for part in (cfg.get("task_name", "run"), weighting) if part)
     if cfg.get("plot", True) and trainer.is_global_zero:
         if not recorder.rows:  # e.g. fewer steps than trainer.log_every_n_steps
             log.warning("No training step was a logging step: no figure.")
         else:
-            label = str(cfg.get("task_name", "run"))
             try:
-                figure = plot_runs([metrics_csv], out_dir / FIGURE_NAME, labels=[label])
+                figure = plot_runs(
+                    [metrics_csv],
+                    out_dir / FIGURE_NAME,
+                    labels=[label],
+                    task_descriptions=descriptions,
+                )
                 files["figure"] = str(figure)
             except ValueError as err:
                 log.warning("No figure: %s", err)
@@ -234,8 +247,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         extra={
             "task_name": cfg.get("task_name"),
             "experiment": _hydra_choice("experiment"),
-            "weighting": _hydra_choice("weighting")
-            or ("gradnorm" if "gradnorm" in (cfg.get("callbacks") or {}) else None),
+            "weighting": weighting,
+            "task_descriptions": descriptions,
             "tags": list(cfg.get("tags") or []),
             "seed": cfg.get("seed"),
             "output_dir": str(out_dir),

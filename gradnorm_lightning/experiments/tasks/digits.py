@@ -13,6 +13,8 @@ The losses have different kinds and scales, which is what GradNorm balances.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -73,6 +75,18 @@ class DigitsDataModule(SplitDataModule):
                 "`val_fraction + test_fraction` must be < 1; "
                 f"got {val_fraction!r} + {test_fraction!r}."
             )
+
+    def task_descriptions(self, task_names: Sequence[str]) -> dict[str, str]:
+        """Each task's loss (four kinds and scales of loss on one image).
+
+        Args:
+            task_names: The model's task names.
+
+        Returns:
+            Task name to its loss, for the tasks of :data:`DIGITS_TASKS`.
+        """
+        known = {"digit": "10-way CE", "parity": "BCE", "ink": "MSE", "recon": "64-pixel MSE"}
+        return {n: known[n] for n in task_names if n in known}
 
     def build_splits(self) -> dict[str, TensorDataset]:
         """Load the digits and split them (called once, by ``setup``).
