@@ -1,4 +1,4 @@
-"""The documentation is executable: every code block of README.md and docs/ runs here.
+"""The documentation is executable: every code block of README.md, examples/README.md and docs/ runs here.
 
 As torchjd's ``tests/doc`` does for its pages, so that the docs cannot drift from the code.
 
@@ -54,7 +54,7 @@ from tests.conftest import compose_train_config, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+PAGES = [README, ROOT / "examples" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 #: the installed package's extras (its metadata is pyproject.toml's, as of the last install)
 EXTRAS = set(metadata.metadata("gradnorm-lightning").get_all("Provides-Extra") or [])
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
@@ -202,7 +202,7 @@ def _gradnorm_train(args: list[str], cwd: Path) -> str:
     with open_dict(cfg):
         cfg.seed = 0
     summary = train(cfg)
-    assert summary["total_steps"] == 2
+    assert 1 <= summary["total_steps"] <= 2  # debug=fdr (fast_dev_run) takes one
     return "run (2 steps)"
 
 
@@ -285,7 +285,7 @@ README_TEXT = README.read_text()
 
 
 def test_readme_is_a_front_page() -> None:
-    assert len(README_TEXT.splitlines()) <= 160
+    assert len(README_TEXT.splitlines()) <= 150
     for link in re.findall(r"\]\((docs/[^)#]+)", README_TEXT):
         assert (ROOT / link).is_file(), link
 
