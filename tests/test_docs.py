@@ -322,3 +322,10 @@ def test_the_command_parser_splits_chains() -> None:
         run_command(["rm", "-rf", "x"], ROOT, pytest.MonkeyPatch())
     with pytest.raises(AssertionError, match="unknown extra"):
         _pip([".[nonexistent]"])
+
+
+def test_the_reference_shows_sphinx_roles_as_code() -> None:
+    """docs/griffe_sphinx_roles.py (mkdocs.yml's griffe extension) rewrites the docstrings' roles."""
+    rewrite = _load_script(ROOT / "docs" / "griffe_sphinx_roles.py").rewrite
+    assert rewrite("see :class:`~gradnorm_lightning.GradNorm` and ``x``") == "see `GradNorm` and `x`"
+    assert rewrite(":func:`gradnorm_lightning.zero_nonfinite_grads_`") == "`gradnorm_lightning.zero_nonfinite_grads_`"
