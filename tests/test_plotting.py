@@ -12,6 +12,7 @@ import pytest
 
 from gradnorm_lightning.experiments.plotting import (
     PANELS,
+    TRAINING_LOSS,
     draw_runs,
     find_metrics_csv,
     main,
@@ -106,7 +107,7 @@ def test_plot_errors(tmp_path: Path) -> None:
         plot_runs([tmp_path / "a"], tmp_path / "x.png", labels=["A", "B"])
     bare = tmp_path / "bare" / "metrics.csv"
     bare.parent.mkdir()
-    bare.write_text("epoch,step,val/acc,train/loss/a\n0,1,0.5,0.2\n")
+    bare.write_text("epoch,step,val/acc,train/loss\n0,1,0.5,0.2\n")
     with pytest.raises(ValueError, match="Nothing to plot"):
         plot_runs([bare], tmp_path / "x.png")
 
@@ -199,3 +200,12 @@ def test_the_task_descriptions_come_from_the_run_summary(tmp_path: Path) -> None
     }
     (tmp_path / "run" / "summary.json").write_text("not json")
     assert read_task_descriptions(tmp_path / "run") == {}
+
+
+def test_a_run_without_weighting_shows_its_training_losses(tmp_path: Path) -> None:
+    path = tmp_path / "plain" / "metrics.csv"
+    path.parent.mkdir()
+    path.write_text("epoch,step,train/loss,train/loss/a,train/loss/b\n0,1,3.0,1.0,2.0\n0,2,2.5,0.9,1.6\n")
+    titles, _, texts, _ = _figure([path.parent], ["plain"])
+    assert titles == [TRAINING_LOSS.title]
+    assert texts == ["a", "b"]  # the total train/loss is not a task

@@ -17,7 +17,8 @@ callbacks), :func:`plot_runs` draws five panels, per task over the training step
 
 The sixth place holds the legend: each task with what the experiment knows about it (the
 ``task_descriptions`` of the run's ``summary.json``, e.g. ``σ = 10`` on the paper's toy) and,
-for several runs, each run's line style. A panel's y axis is logarithmic only where its
+for several runs, each run's line style. A run without any weighting callback (no
+``gradnorm/*`` columns) gets one panel of its tasks' training losses. A panel's y axis is logarithmic only where its
 values span more than a factor of :data:`LOG_SPAN`. Panels without data are left out.
 Several runs are overlaid (one colour per task, one line style per run), e.g. GradNorm
 against the equal-weighting baseline::
@@ -45,6 +46,7 @@ from gradnorm_lightning.experiments._extras import require
 
 __all__ = [
     "PANELS",
+    "TRAINING_LOSS",
     "draw_runs",
     "find_metrics_csv",
     "main",
@@ -100,6 +102,11 @@ PANELS = (
     ),
 )
 """The panels, in reading order (left to right, top to bottom)."""
+
+#: Drawn only for runs without any weighting callback (no ``gradnorm/*`` columns).
+TRAINING_LOSS = _Panel(
+    "training loss $L_i$", "no weighting callback: the tasks' own losses", "train/loss/"
+)
 
 
 def find_metrics_csv(run_dir: str | Path) -> Path:
@@ -265,9 +272,12 @@ def draw_runs(
     line = require("matplotlib.lines", "The figure").Line2D
     runs = [_with_weighted_norms(m) for m in runs]
     panels = [p for p in PANELS if any(_panel_series(m, p) for m in runs)]
+    if not panels and any(_panel_series(m, TRAINING_LOSS) for m in runs):
+        panels = [TRAINING_LOSS]
     if not panels:
         raise ValueError(
-            "Nothing to plot: no gradnorm/weight, grad_norm, loss_ratio or inverse_rate columns"
+            "Nothing to plot: no gradnorm/weight, grad_norm, loss_ratio, inverse_rate "
+            "or train/loss/<task> columns"
         )
     tasks = sorted({t for m in runs for p in panels for t in _panel_series(m, p)}, key=_natural_key)
     cmap = plt.get_cmap("tab10" if len(tasks) <= 10 else "tab20")
