@@ -110,8 +110,8 @@ def test_compiled_trunk_matches_eager(gn_kwargs: dict, views: bool) -> None:
     ],
 )
 def test_compiled_trunk_is_actually_compiled(trunk_kind: str, mode: str, compiles: bool) -> None:
-    """``torch.compile`` with a balancer attached compiles where README says it does, and always
-    gives the eager weights. See README, "torch.compile"."""
+    """``torch.compile`` with a balancer attached compiles where the docs say it does, and always
+    gives the eager weights. See docs/guides/compile.md."""
     from helpers.dist_models import CustomForwardTrunk, Net
     from torch._dynamo.testing import CompileCounter
 

@@ -53,6 +53,11 @@ def test_experiment_runs_and_writes_outputs(
             assert f"gradnorm/{key}/{first_task}" in header
     assert summary["files"]["metrics_csv"] == str(tmp_path / "metrics.csv")
     assert summary["files"]["figure"] == str(tmp_path / "gradnorm.png")
+    # the figure's legend names each task with what the experiment knows about it
+    assert set(summary["task_descriptions"]) == set(summary["tasks"])
+    if experiment == "paper_toy":
+        assert summary["task_descriptions"]["task0"] == "σ = 1"
+        assert summary["task_descriptions"]["task9"] == "σ = 100"
 
 
 @pytest.mark.parametrize(

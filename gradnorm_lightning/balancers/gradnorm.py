@@ -76,7 +76,7 @@ class GradNorm(Balancer):
             update every present weight is at least ``min_weight`` and the weights sum to ``T``
             (see :func:`~gradnorm_lightning.renormalize_weights`).
         mode: ``"auto"`` (the paper's norms over the shared layer's parameters, by the
-            cheapest exact route the model allows; see the README's "Routes"), ``"autograd"``
+            cheapest exact route the model allows; see docs/explanation/routes.md), ``"autograd"``
             (the same norms by one ``autograd.grad`` per task: the slow reference, and no
             forward hook) or ``"representation"`` (norms of the per-task gradients at the
             shared layer's output: an approximation of the paper's, cheapest).

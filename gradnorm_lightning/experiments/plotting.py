@@ -1,22 +1,31 @@
-"""Figures of GradNorm runs from their CSV metrics (the GradNorm paper's Figure 2 kind).
+"""The figure of GradNorm runs, from their CSV metrics (the GradNorm paper's Figure 2 kind).
 
 A run folder of ``gradnorm-train`` holds ``metrics.csv`` (written by
 :class:`~gradnorm_lightning.experiments.recorder.MetricsRecorder` whatever the logger); any
-folder with one Lightning ``CSVLogger`` file below it works too. From
-its ``gradnorm/*`` columns (logged by :class:`~gradnorm_lightning.GradNormCallback`) and the
-tasks' training losses, :func:`plot_runs` draws, per task and over training steps:
+folder with one Lightning ``CSVLogger`` file below it works too. From its ``gradnorm/*``
+columns (logged by :class:`~gradnorm_lightning.GradNormCallback` and the baselines'
+callbacks), :func:`plot_runs` draws five panels, per task over the training steps:
 
 * the task weights ``w_i`` (``gradnorm/weight/<task>``);
-* the gradient norms ``||grad_W L_i||`` (``gradnorm/grad_norm/<task>``) and the weighted
-  norms ``w_i ||grad_W L_i||`` that GradNorm balances;
-* the inverse training rates ``r_i`` (``gradnorm/inverse_rate/<task>``);
-* the loss ratios ``L_i(t) / L_i(0)`` (``gradnorm/loss_ratio/<task>``);
-* the raw training losses (``train/loss/<task>``) and GradNorm's own loss (``gradnorm/loss``).
+* the weighted gradient norms ``w_i ||grad_W L_i||``: what GradNorm balances; one band
+  means balanced;
+* the gradient norms ``||grad_W L_i||`` (``gradnorm/grad_norm/<task>``): how far apart the
+  tasks are without the weights;
+* the loss ratios ``L_i(t) / L_i(0)`` (``gradnorm/loss_ratio/<task>``): each task's progress;
+* the inverse training rates ``r_i`` (``gradnorm/inverse_rate/<task>``): above 1, a task is
+  behind the others and GradNorm raises its weight.
 
-Panels without data are left out. Several runs are overlaid: one colour per task, one line
-style per run. Command line::
+The sixth place holds the legend: each task with what the experiment knows about it (the
+``task_descriptions`` of the run's ``summary.json``, e.g. ``σ = 10`` on the paper's toy) and,
+for several runs, each run's line style. A run without any weighting callback (no
+``gradnorm/*`` columns) gets one panel of its tasks' training losses. A panel's y axis is logarithmic only where its
+values span more than a factor of :data:`LOG_SPAN`. Panels without data are left out.
+Several runs are overlaid (one colour per task, one line style per run), e.g. GradNorm
+against the equal-weighting baseline::
 
-    gradnorm-plot RUN_DIR [RUN_DIR ...] [-o out.png] [--labels A B ...]
+    gradnorm-train hydra.run.dir=runs/gradnorm
+    gradnorm-train weighting=equal hydra.run.dir=runs/equal
+    gradnorm-plot runs/gradnorm runs/equal --labels gradnorm equal -o gradnorm_vs_equal.png
 """
 
 from __future__ import annotations
@@ -24,43 +33,79 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.lines import Line2D
 
-__all__ = ["find_metrics_csv", "main", "plot_runs", "read_metrics"]
+from gradnorm_lightning.experiments._extras import require
+
+__all__ = [
+    "PANELS",
+    "TRAINING_LOSS",
+    "draw_runs",
+    "find_metrics_csv",
+    "main",
+    "plot_runs",
+    "read_metrics",
+    "read_task_descriptions",
+]
 
 Series = tuple[np.ndarray, np.ndarray]
 """``(steps, values)`` of one logged key, in logging order."""
 
-_LINESTYLES: tuple[Any, ...] = ("-", "--", ":", "-.")
+_LINESTYLES: tuple[tuple[str, str], ...] = (
+    ("-", "solid"),
+    ("--", "dashed"),
+    (":", "dotted"),
+    ("-.", "dash-dot"),
+)
+#: A panel's y axis is logarithmic where its positive values span more than this factor.
+LOG_SPAN = 20.0
 
 
 @dataclass(frozen=True)
 class _Panel:
     title: str
-    prefix: str  # column prefix; a key equal to the prefix is a single (task-less) series
-    log_y: bool
+    hint: str  # what to look for, one short line under the title
+    prefix: str  # column prefix of the per-task series
+    reference: float | None = None  # a horizontal line (e.g. r_i = 1)
 
 
-_PANELS = (
-    _Panel("task weight $w_i$", "gradnorm/weight/", False),
-    _Panel(r"gradient norm $\|\nabla_W L_i\|$", "gradnorm/grad_norm/", True),
-    _Panel(r"weighted norm $w_i\,\|\nabla_W L_i\|$", "weighted_grad_norm/", True),
-    _Panel("inverse training rate $r_i$", "gradnorm/inverse_rate/", False),
-    _Panel("loss ratio $L_i(t)/L_i(0)$", "gradnorm/loss_ratio/", True),
-    _Panel("training loss $L_i$", "train/loss/", True),
-    _Panel("GradNorm loss $L_{grad}$", "gradnorm/loss", True),
+PANELS = (
+    _Panel("task weight $w_i$", "GradNorm's output; they sum to T", "gradnorm/weight/"),
+    _Panel(
+        r"weighted gradient norm $w_i\,\|\nabla_W L_i\|$",
+        "what GradNorm balances: one band = balanced",
+        "weighted_grad_norm/",
+    ),
+    _Panel(
+        r"gradient norm $\|\nabla_W L_i\|$",
+        "unweighted: how far apart the tasks are",
+        "gradnorm/grad_norm/",
+    ),
+    _Panel(
+        "loss ratio $L_i(t)/L_i(0)$",
+        "each task's progress: lower = trained further",
+        "gradnorm/loss_ratio/",
+        reference=1.0,
+    ),
+    _Panel(
+        "inverse training rate $r_i$",
+        "above 1: behind the others, its weight grows",
+        "gradnorm/inverse_rate/",
+        reference=1.0,
+    ),
+)
+"""The panels, in reading order (left to right, top to bottom)."""
+
+#: Drawn only for runs without any weighting callback (no ``gradnorm/*`` columns).
+TRAINING_LOSS = _Panel(
+    "training loss $L_i$", "no weighting callback: the tasks' own losses", "train/loss/"
 )
 
 
@@ -151,9 +196,14 @@ def _with_weighted_norms(metrics: dict[str, Series]) -> dict[str, Series]:
     return out
 
 
-def _panel_series(metrics: dict[str, Series], panel: _Panel) -> dict[str, Series]:
-    if panel.prefix in metrics:
-        return {"": metrics[panel.prefix]}
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, imported on first use."""
+    matplotlib = require("matplotlib", "The figure (gradnorm-plot, gradnorm.png)")
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", "The figure (gradnorm-plot, gradnorm.png)")
+
+
+def _panel_series(metrics: Mapping[str, Series], panel: _Panel) -> dict[str, Series]:
     return {
         key[len(panel.prefix) :]: series
         for key, series in metrics.items()
@@ -161,19 +211,147 @@ def _panel_series(metrics: dict[str, Series], panel: _Panel) -> dict[str, Series
     }
 
 
+def read_task_descriptions(run_dir: str | Path) -> dict[str, str]:
+    """The task descriptions a ``gradnorm-train`` run wrote into its ``summary.json``.
+
+    Args:
+        run_dir: A run folder (or the path of its ``metrics.csv``).
+
+    Returns:
+        Task name to description (e.g. ``{"task0": "σ = 1"}``); ``{}`` when the folder of the
+        metrics has no ``summary.json`` or it has no ``task_descriptions``.
+    """
+    path = Path(run_dir)
+    folder = path.parent if path.is_file() else path
+    summary = folder / "summary.json"
+    if not summary.is_file():
+        return {}
+    try:
+        found = json.loads(summary.read_text()).get("task_descriptions") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def _use_log_scale(values: Sequence[np.ndarray]) -> bool:
+    finite = [v[np.isfinite(v)] for v in values]
+    data = np.concatenate(finite) if finite else np.empty(0)
+    if data.size == 0 or bool(np.any(data <= 0)):
+        return False
+    return float(data.max() / data.min()) > LOG_SPAN
+
+
+def draw_runs(
+    runs: Sequence[dict[str, Series]],
+    labels: Sequence[str],
+    task_descriptions: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> Any:
+    """Draw the panels of one or several runs' metrics into a new matplotlib figure.
+
+    Args:
+        runs: Each run's metrics, as :func:`read_metrics` returns them.
+        labels: One label per run (the legend's line styles, the default title).
+        task_descriptions: Task name to a short description shown in the legend beside the
+            name (e.g. ``"σ = 10"``).
+        title: Figure title; default: the run's label, or "A (solid) vs B (dashed)".
+
+    Returns:
+        The ``matplotlib.figure.Figure`` (the caller saves and closes it).
+
+    Raises:
+        ValueError: If ``labels`` does not have one entry per run, or no run has any of
+            the plotted keys.
+        ModuleNotFoundError: If matplotlib (the ``[experiments]`` extra) is missing.
+    """
+    if len(labels) != len(runs):
+        raise ValueError(
+            f"`labels` must have one entry per run ({len(runs)}); got {len(labels)}: {list(labels)!r}."
+        )
+    plt = _pyplot()
+    line = require("matplotlib.lines", "The figure").Line2D
+    runs = [_with_weighted_norms(m) for m in runs]
+    panels = [p for p in PANELS if any(_panel_series(m, p) for m in runs)]
+    if not panels and any(_panel_series(m, TRAINING_LOSS) for m in runs):
+        panels = [TRAINING_LOSS]
+    if not panels:
+        raise ValueError(
+            "Nothing to plot: no gradnorm/weight, grad_norm, loss_ratio, inverse_rate "
+            "or train/loss/<task> columns"
+        )
+    tasks = sorted({t for m in runs for p in panels for t in _panel_series(m, p)}, key=_natural_key)
+    cmap = plt.get_cmap("tab10" if len(tasks) <= 10 else "tab20")
+    colors = {t: cmap(i % cmap.N) for i, t in enumerate(tasks)}
+    styles = list(itertools.islice(itertools.cycle(_LINESTYLES), len(runs)))
+
+    ncols = min(3, len(panels) + 1)
+    nrows = math.ceil((len(panels) + 1) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
+    cells = list(axes.flat)
+    for ax, panel in zip(cells, panels, strict=False):
+        drawn = []
+        for metrics, (style, _) in zip(runs, styles, strict=True):
+            for task, (steps, values) in _panel_series(metrics, panel).items():
+                ax.plot(steps, values, linestyle=style, color=colors[task], lw=1.1)
+                drawn.append(values)
+        if panel.reference is not None:
+            ax.axhline(panel.reference, color="0.4", lw=0.8, ls=(0, (1, 2)), zorder=0)
+        if _use_log_scale(drawn):
+            ax.set_yscale("log")
+        ax.set_title(f"{panel.title}\n", fontsize="medium")
+        ax.text(0.5, 1.02, panel.hint, transform=ax.transAxes, ha="center", va="bottom",
+                fontsize="small", color="0.35")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    legend_ax = cells[len(panels)]
+    for ax in cells[len(panels) :]:
+        ax.axis("off")
+
+    descriptions = dict(task_descriptions or {})
+    handles = [
+        line([], [], color=colors[t], lw=2, label=f"{t}  ({descriptions[t]})" if t in descriptions else t)
+        for t in tasks
+    ]
+    if len(runs) > 1:
+        handles += [
+            line([], [], color="black", linestyle=style, label=f"{label} ({name})")
+            for label, (style, name) in zip(labels, styles, strict=True)
+        ]
+    many = len(handles) > 14
+    legend_ax.legend(
+        handles=handles,
+        loc="center",
+        frameon=False,
+        fontsize="x-small" if many else "small",
+        ncols=2 if many else 1,
+        title="tasks" if len(runs) == 1 else "tasks; runs by line style",
+    )
+    if title is None:
+        title = labels[0] if len(runs) == 1 else " vs ".join(
+            f"{label} ({name})" for label, (_, name) in zip(labels, styles, strict=True)
+        )
+    fig.suptitle(title)
+    fig.set_layout_engine("constrained")
+    return fig
+
+
 def plot_runs(
     run_dirs: Sequence[str | Path],
     out: str | Path,
     labels: Sequence[str] | None = None,
     title: str | None = None,
+    task_descriptions: Mapping[str, str] | None = None,
 ) -> Path:
-    """Draw the per-task curves of one or several runs into one PNG.
+    """Draw the per-task panels of one or several runs into one PNG.
 
     Args:
         run_dirs: Run folders (or ``metrics.csv`` paths).
         out: Output image path (its folder is created).
         labels: One legend label per run; default: the folder names.
-        title: Figure title; default: the label of a single run.
+        title: Figure title; default: the label of a single run, or "A (solid) vs B (dashed)".
+        task_descriptions: Task name to a short description for the legend; default: those
+            in the runs' ``summary.json`` (:func:`read_task_descriptions`; the first run's
+            win).
 
     Returns:
         The path written.
@@ -182,6 +360,7 @@ def plot_runs(
         ValueError: If ``run_dirs`` is empty, ``labels`` has the wrong length, or no run has
             any of the plotted keys.
         FileNotFoundError: If a run has no ``metrics.csv``.
+        ModuleNotFoundError: If matplotlib (the ``[experiments]`` extra) is missing.
     """
     if not run_dirs:
         raise ValueError("`run_dirs` must name at least one run folder; got none.")
@@ -191,57 +370,23 @@ def plot_runs(
         raise ValueError(
             f"`labels` must have one entry per run ({len(run_dirs)}); got {len(labels)}: {list(labels)!r}."
         )
-    runs = [_with_weighted_norms(read_metrics(find_metrics_csv(d))) for d in run_dirs]
-    panels = [p for p in _PANELS if any(_panel_series(m, p) for m in runs)]
-    if not panels:
-        raise ValueError(
-            "Nothing to plot: no gradnorm/* or train/loss/* columns in "
-            + ", ".join(str(d) for d in run_dirs)
-        )
-    tasks = sorted(
-        {t for m in runs for p in panels for t in _panel_series(m, p) if t},
-        key=_natural_key,
-    )
-    cmap = plt.get_cmap("tab10" if len(tasks) <= 10 else "tab20")
-    colors = {t: cmap(i % cmap.N) for i, t in enumerate(tasks)}
-
-    ncols = 2 if len(panels) > 1 else 1
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 3.4 * nrows), squeeze=False)
-    for ax, panel in zip(axes.flat, panels, strict=False):
-        for metrics, style in zip(runs, itertools.cycle(_LINESTYLES), strict=False):
-            for task, (steps, values) in _panel_series(metrics, panel).items():
-                ax.plot(steps, values, linestyle=style, color=colors.get(task, "black"), lw=1.2)
-        if panel.log_y and _all_positive(runs, panel):
-            ax.set_yscale("log")
-        ax.set_title(panel.title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-
-    handles = [Line2D([], [], color=colors[t], label=t) for t in tasks]
-    if len(runs) > 1:
-        handles += [
-            Line2D([], [], color="black", linestyle=s, label=label)
-            for label, s in zip(labels, itertools.cycle(_LINESTYLES), strict=False)
-        ]
-    fig.legend(handles=handles, loc="outside right center", fontsize="small")
-    fig.suptitle(title if title is not None else (labels[0] if len(runs) == 1 else "GradNorm runs"))
-    fig.set_layout_engine("constrained")
+    plt = _pyplot()
+    paths = [find_metrics_csv(d) for d in run_dirs]
+    if task_descriptions is None:
+        task_descriptions = {}
+        for path in reversed(paths):
+            task_descriptions.update(read_task_descriptions(path))
+    try:
+        fig = draw_runs([read_metrics(p) for p in paths], labels, task_descriptions, title)
+    except ValueError as err:
+        if str(err).startswith("Nothing to plot"):
+            raise ValueError(f"{err} in " + ", ".join(str(d) for d in run_dirs) + ".") from None
+        raise
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
-
-
-def _all_positive(runs: Sequence[dict[str, Series]], panel: _Panel) -> bool:
-    return all(
-        values.size == 0 or bool(np.all(values > 0))
-        for m in runs
-        for _, values in _panel_series(m, panel).values()
-    )
 
 
 def _natural_key(name: str) -> tuple[str, int, str]:

@@ -8,10 +8,12 @@
   logging steps), recorded by :class:`~gradnorm_lightning.experiments.recorder.MetricsRecorder`
   whatever logger is configured (``logger=csv``, ``tensorboard``, ``csv_tensorboard``, or
   none: ``logger=none`` or ``~logger``);
-* ``gradnorm.png``: task weights, gradient norms and inverse training rates per task over
-  steps (:func:`gradnorm_lightning.experiments.plotting.plot_runs`), drawn from that file;
+* ``gradnorm.png``: task weights, weighted and unweighted gradient norms, loss ratios and
+  inverse training rates per task over steps, the tasks named with what the data module knows
+  (``task_descriptions``, e.g. each toy task's σ)
+  (:func:`gradnorm_lightning.experiments.plotting.plot_runs`), drawn from that file;
 * ``summary.json`` and ``summary.txt``: final weights, per-task test loss and metric, time
-  per training step and total steps (:mod:`gradnorm_lightning.experiments.summary`);
+  per training step and total steps, the task descriptions (:mod:`gradnorm_lightning.experiments.summary`);
 * the loggers' own files: ``csv/metrics.csv`` (CSV logger, the default; all logged keys,
   validation and test included), ``tensorboard/`` (TensorBoard logger);
 * ``checkpoints/`` (the ``model_checkpoint`` callback).
@@ -39,6 +41,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
+from gradnorm_lightning.experiments._extras import INSTALL_HINT, has_module
 from gradnorm_lightning.experiments.plotting import plot_runs
 from gradnorm_lightning.experiments.recorder import METRICS_CSV, MetricsRecorder
 from gradnorm_lightning.experiments.summary import (
@@ -48,7 +51,7 @@ from gradnorm_lightning.experiments.summary import (
     write_summary,
 )
 
-__all__ = ["instantiate_callbacks", "instantiate_loggers", "main", "train"]
+__all__ = ["check_extras", "instantiate_callbacks", "instantiate_loggers", "main", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,36 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     return loggers
 
 
+def check_extras(cfg: DictConfig) -> None:
+    """Fail before training when the run needs a package of the ``[experiments]`` extra that is missing.
+
+    The figure needs matplotlib (unless ``plot=false``), a TensorBoard logger needs
+    tensorboard; the digits data module imports scikit-learn itself when it loads the data.
+
+    Args:
+        cfg: The composed config.
+
+    Raises:
+        ModuleNotFoundError: Naming the missing package and the ``pip install`` that fixes it.
+    """
+    needs: list[tuple[str, str]] = []
+    if cfg.get("plot", True):
+        needs.append(("matplotlib", "The figure gradnorm.png (or set plot=false)"))
+    loggers = cfg.get("logger") or {}
+    if isinstance(loggers, DictConfig) and any(
+        isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("TensorBoardLogger")
+        for node in loggers.values()
+    ):
+        needs.append(("tensorboard", "The TensorBoard logger (logger=tensorboard or csv_tensorboard)"))
+    for module, purpose in needs:
+        if not has_module(module):
+            raise ModuleNotFoundError(
+                f"{purpose} needs {module}, which is not installed. It comes with the tooling's "
+                f"extra: {INSTALL_HINT}.",
+                name=module,
+            )
+
+
 def _hydra_choice(group: str) -> str | None:
     """The option chosen for a config group in the current Hydra run, if any."""
     if not HydraConfig.initialized():
@@ -145,7 +178,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         hydra.errors.InstantiationException: If a config entry cannot be built (the message
             names its full key, e.g. ``callbacks.gradnorm``).
         TypeError: If ``callbacks`` or ``logger`` entries build the wrong kind of object.
+        ModuleNotFoundError: If the run needs a package of the ``[experiments]`` extra that
+            is not installed (:func:`check_extras`).
     """
+    check_extras(cfg)
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     if cfg.get("seed") is not None:
@@ -180,13 +216,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics_csv = out_dir / METRICS_CSV
     if trainer.is_global_zero and metrics_csv.is_file():
         files["metrics_csv"] = str(metrics_csv)
+    describe = getattr(datamodule, "task_descriptions", None)
+    names = getattr(model, "task_names", None)
+    descriptions: dict[str, str] = dict(describe(names)) if callable(describe) and names else {}
+    weighting = _hydra_choice("weighting") or (
+        "gradnorm" if "gradnorm" in (cfg.get("callbacks") or {}) else None
+    )
+    label = " · ".join(str(part) for part in (cfg.get("task_name", "run"), weighting) if part)
     if cfg.get("plot", True) and trainer.is_global_zero:
         if not recorder.rows:  # e.g. fewer steps than trainer.log_every_n_steps
             log.warning("No training step was a logging step: no figure.")
         else:
-            label = str(cfg.get("task_name", "run"))
             try:
-                figure = plot_runs([metrics_csv], out_dir / FIGURE_NAME, labels=[label])
+                figure = plot_runs(
+                    [metrics_csv],
+                    out_dir / FIGURE_NAME,
+                    labels=[label],
+                    task_descriptions=descriptions,
+                )
                 files["figure"] = str(figure)
             except ValueError as err:
                 log.warning("No figure: %s", err)
@@ -200,8 +247,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         extra={
             "task_name": cfg.get("task_name"),
             "experiment": _hydra_choice("experiment"),
-            "weighting": _hydra_choice("weighting")
-            or ("gradnorm" if "gradnorm" in (cfg.get("callbacks") or {}) else None),
+            "weighting": weighting,
+            "task_descriptions": descriptions,
             "tags": list(cfg.get("tags") or []),
             "seed": cfg.get("seed"),
             "output_dir": str(out_dir),

@@ -111,6 +111,17 @@ class SplitDataModule(L.LightningDataModule):
         """
         raise NotImplementedError
 
+    def task_descriptions(self, task_names: Sequence[str]) -> dict[str, str]:
+        """What the data knows about each task, for the figure's legend (e.g. ``"σ = 10"``).
+
+        Args:
+            task_names: The model's task names, in label order.
+
+        Returns:
+            Task name to a short description; the base class knows nothing (``{}``).
+        """
+        return {}
+
     def setup(self, stage: str | None = None) -> None:
         """Build the splits on the first call; later calls do nothing.
 

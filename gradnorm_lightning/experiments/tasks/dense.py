@@ -202,6 +202,18 @@ class DenseDataModule(SplitDataModule):
         self.noise = float(noise)
         self.sizes = (num_train, num_val, num_test)
 
+    def task_descriptions(self, task_names: Sequence[str]) -> dict[str, str]:
+        """Each task's loss (the tasks differ in kind: classes, distances, angles).
+
+        Args:
+            task_names: The model's task names.
+
+        Returns:
+            Task name to its loss, for the tasks of :data:`DENSE_TASKS`.
+        """
+        known = {"seg": "cross-entropy", "depth": "L1", "normals": "1 − cos"}
+        return {n: known[n] for n in task_names if n in known}
+
     def build_splits(self) -> dict[str, TensorDataset]:
         """Draw the three splits (called once, by ``setup``).
 

@@ -13,15 +13,17 @@ The losses have different kinds and scales, which is what GradNorm balances.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 from torchmetrics.wrappers import MultitaskWrapper
 
+from gradnorm_lightning.experiments._extras import require
 from gradnorm_lightning.experiments.tasks._base import (
     Batch,
     MultiTaskModule,
@@ -74,13 +76,29 @@ class DigitsDataModule(SplitDataModule):
                 f"got {val_fraction!r} + {test_fraction!r}."
             )
 
+    def task_descriptions(self, task_names: Sequence[str]) -> dict[str, str]:
+        """Each task's loss (four kinds and scales of loss on one image).
+
+        Args:
+            task_names: The model's task names.
+
+        Returns:
+            Task name to its loss, for the tasks of :data:`DIGITS_TASKS`.
+        """
+        known = {"digit": "10-way CE", "parity": "BCE", "ink": "MSE", "recon": "64-pixel MSE"}
+        return {n: known[n] for n in task_names if n in known}
+
     def build_splits(self) -> dict[str, TensorDataset]:
         """Load the digits and split them (called once, by ``setup``).
 
         Returns:
             ``train``/``val``/``test`` datasets of ``(image, label, ink)`` triples.
+
+        Raises:
+            ModuleNotFoundError: If scikit-learn (the ``[experiments]`` extra) is missing.
         """
-        bunch = load_digits()
+        datasets = require("sklearn.datasets", "The digits experiment", "scikit-learn")
+        bunch = datasets.load_digits()
         images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
         labels = torch.as_tensor(bunch.target, dtype=torch.long)
         n = images.shape[0]

@@ -174,6 +174,17 @@ class RecsysDataModule(SplitDataModule):
         self.noise = [float(s) for s in noise]
         self.sizes = (num_train, num_val, num_test)
 
+    def task_descriptions(self, task_names: Sequence[str]) -> dict[str, str]:
+        """Each task's positive rate (the tasks differ in how rare their positives are).
+
+        Args:
+            task_names: The model's task names, in label-column order.
+
+        Returns:
+            Task name to e.g. ``"4 % positive"``.
+        """
+        return {n: f"{100 * r:.3g} % positive" for n, r in zip(task_names, self.rates, strict=False)}
+
     def build_splits(self) -> dict[str, TensorDataset]:
         """Generate the three splits (called once, by ``setup``).
 

@@ -180,6 +180,22 @@ class PaperToyDataModule(SplitDataModule):
         self.sigmas = default_sigmas(num_tasks) if sigmas is None else [float(s) for s in sigmas]
         self.sizes = (num_train, num_val, num_test)
 
+    def task_descriptions(self, task_names: Sequence[str]) -> dict[str, str]:
+        """Each task's scale ``sigma_i``, the one thing that sets the toy's tasks apart.
+
+        Args:
+            task_names: The model's task names, in label order.
+
+        Returns:
+            Task name to ``"σ = <sigma_i>"``.
+
+        Example::
+
+            >>> PaperToyDataModule(num_tasks=3).task_descriptions(["a", "b", "c"])
+            {'a': 'σ = 1', 'b': 'σ = 10', 'c': 'σ = 100'}
+        """
+        return {name: f"σ = {sigma:.3g}" for name, sigma in zip(task_names, self.sigmas, strict=False)}
+
     def build_splits(self) -> dict[str, TensorDataset]:
         """Generate the three splits (called once, by ``setup``).
 
