@@ -176,6 +176,8 @@ class TaskState:
         state = self.__dict__.copy()
         if "_stacked" in state:  # (rebuilt by the next commit)
             state.update(_stacked=[None, None, None], _initial_probe=None)
+        if "_freeze_probe" in state:  # (a flag in flight: asked again)
+            state["_freeze_probe"] = None
         return state
 
     @property
