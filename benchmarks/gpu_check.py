@@ -28,6 +28,11 @@ d. **The benchmark rows on the GPU**: every row's float64 trajectory check, run 
    ``torch.cuda.synchronize()`` at the end of every timed step, and the extra peak GPU memory
    of a step (``torch.cuda.max_memory_allocated``) over the plain step's. The workloads at
    their own sizes are launch-bound on a large GPU, so each is also timed at 16 times its batch.
+e. **GPU-bound workloads** (:mod:`benchmarks.throughput`): a ResNet-18-style network and a
+   pre-LN transformer encoder at realistic sizes, timed as throughput: blocks of steps run back
+   to back with one ``torch.cuda.synchronize()`` at the end of each block (as real training
+   runs: the host's work overlaps the device's), the blocks of the plain step and of GradNorm's
+   alternating.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import torch
 from benchmarks.bench_step import package_version
 from benchmarks.measure import check_trajectories, time_interleaved
 from benchmarks.methods import Method, ProjectGradNorm, method_factories
+from benchmarks.throughput import THROUGHPUT_WORKLOADS, table
 from benchmarks.workloads import Batch, Workload, build_model, make_batches, workload
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,6 +278,16 @@ def benchmark_rows(names: Sequence[str], steps: int, warmup: int, check_steps: i
     return ok, lines
 
 
+# ---------------------------------------------------------------------- (e)
+def throughput_rows(names: Sequence[str], steps: int, rounds: int, device: str = "cuda",
+                    tiny: bool = False) -> tuple[bool, list[str]]:
+    """Part (e); returns (passed, report lines)."""
+    lines = [f"{rounds} rounds of {steps} steps per method, the methods' blocks alternating; one "
+             "synchronisation at the end of each block.", "", *table(names, steps, rounds, device, tiny), ""]
+    print("\n".join(lines), flush=True)
+    return True, lines
+
+
 def machine_lines() -> list[str]:
     """The GPU, the versions, the commit."""
     props = torch.cuda.get_device_properties(0)
@@ -309,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
          lambda: precision_fits(("toy", "dense"), 10 if args.quick else 40)),
         ("(d) benchmark rows on the GPU (step ÷ plain summed-loss step, interleaved, synchronised per step)",
          lambda: benchmark_rows(("toy", "conv", "dense", "convbn"), steps, args.warmup, 10 if args.quick else 50, 16)),
+        ("(e) GPU-bound workloads: throughput (blocks of steps, one synchronisation per block)",
+         lambda: throughput_rows(THROUGHPUT_WORKLOADS, 5 if args.quick else 20, 2 if args.quick else 5)),
     ]
     failed = []
     for title, part in parts:

@@ -319,8 +319,8 @@ class MinimalExact(_AnalyticWeights):
     gradients (no hooks, no graph walk); after the model's own backward they cross the ReLU
     by one product with its mask. The norms take the cheaper of two exact formulas
     (:func:`linear_norms`). The update is the analytic one of :class:`_AnalyticWeights`, in
-    Python floats on the CPU (as the project's own host update) and in torch on a device;
-    nothing is scaled against overflow and nothing is checked. The benchmark's rows are
+    Python floats on the CPU (the cheapest update there is; the project's own ran so until issue
+    25) and in torch on a device; nothing is scaled against overflow and nothing is checked. The benchmark's rows are
     compared with it to see how much of their cost an exact eager implementation cannot avoid;
     :class:`NormArithmetic` shows how much of that is arithmetic.
     """
@@ -358,7 +358,7 @@ class MinimalExact(_AnalyticWeights):
         self._update(losses, norms)
 
     def _update(self, losses: Tensor, norms: Tensor) -> None:
-        """The analytic update; on the CPU in Python floats (as the project's host kernel does)."""
+        """The analytic update; on the CPU in Python floats."""
         if self.w.device.type != "cpu":
             super()._update(losses, norms)
             return
@@ -485,19 +485,22 @@ class ProjectGradNorm(Method):
     """``gradnorm_lightning.GradNorm`` in a plain PyTorch loop (public API only).
 
     ``loss = gn.combine(losses); loss.backward(); gn.step(); opt.step()`` with the losses
-    as a list (``sanitize=True``: ``zero_nonfinite_grads_`` before ``opt.step()``, as the
+    as a list (``update_every=k``: the statistics and the update on every k-th step only; such a
+    row has no textbook trajectory, ``reference=None``) (``sanitize=True``: ``zero_nonfinite_grads_`` before ``opt.step()``, as the
     README's plain-loop quickstart). ``views=True`` makes the heads read ``gn.task_views(z)`` (the zero-extra-pass
     path). Every setting is passed explicitly (:func:`gradnorm_settings`).
     """
 
     def __init__(self, wl: Workload, model: MultiTaskNet, views: bool = False, mode: str = "auto",
-                 name: str = "gradnorm-lightning GradNorm", reference: str = "W", sanitize: bool = False) -> None:
+                 name: str = "gradnorm-lightning GradNorm", reference: str | None = "W", sanitize: bool = False,
+                 update_every: int = 1) -> None:
         super().__init__(wl, model)
         from gradnorm_lightning import GradNorm, zero_nonfinite_grads_
 
         self._sanitize = zero_nonfinite_grads_ if sanitize else None
 
-        self.gn = GradNorm(model.shared_layer, num_tasks=wl.num_tasks, **gradnorm_settings(wl, mode))
+        self.gn = GradNorm(model.shared_layer, num_tasks=wl.num_tasks, update_every=update_every,
+                           **gradnorm_settings(wl, mode))
         if views:
             model.view_fn = self.gn.task_views
         self.name = name
@@ -550,6 +553,11 @@ def method_factories(include_project: bool | None = None, wl: Workload | None = 
                 reference="rep")),
             ("gnl-autograd", lambda wl, m: ProjectGradNorm(
                 wl, m, mode="autograd", name="gradnorm-lightning mode=autograd")),
+            # (not Algorithm 1 on every step: no trajectory check; the cost of a schedule)
+            ("gnl-every4", lambda wl, m: ProjectGradNorm(
+                wl, m, name="gradnorm-lightning default, update_every=4", reference=None, update_every=4)),
+            ("gnl-every10", lambda wl, m: ProjectGradNorm(
+                wl, m, name="gradnorm-lightning default, update_every=10", reference=None, update_every=10)),
         ]
     if wl is not None:
         rows = [(k, f) for k, f in rows if getattr(f, "applies", lambda _: True)(wl)]

@@ -11,20 +11,16 @@ Adaptive Loss Balancing in Deep Multitask Networks* (ICML 2018). With ``T`` task
 * ``L_grad = sum_i |G_i - target_i|`` and ``dL_grad / dw_i = sign(G_i - target_i) * n_i``.
 
 Every function accepts an optional boolean ``present`` mask: tasks outside it take no part
-(their loss was missing or non-finite on that step), so means run over the present tasks
-only and their gradient is zero. All decisions are made with ``where``, so the functions never
-read a tensor value on the host. They take torch tensors, or the host path's Python vectors
-(the balancers' update on the CPU: :mod:`gradnorm_lightning._arrays`).
+(their loss was missing or non-finite on that step, or their ``L(0)`` is not yet known), so means
+run over the present tasks only and their gradient is zero. All decisions are made with
+``torch.where``, so the functions never read a tensor value on the host; they are the torch code
+the balancers run on every device.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch  # noqa: F401 (the docstring examples use it)
+import torch
 from torch import Tensor
-
-from gradnorm_lightning._arrays import array_ops
 
 __all__ = [
     "adam_update",
@@ -33,17 +29,6 @@ __all__ = [
     "inverse_training_rates",
     "renormalize_weights",
 ]
-
-
-def _present_or_all(x: Any, present: Any) -> Any:
-    if present is None:
-        return array_ops(x).true_like(x)
-    return present
-
-
-def _masked_mean(x: Any, present: Any) -> Any:
-    xp = array_ops(x)
-    return xp.where(present, x, 0.0).sum() / xp.clamp_min(xp.count(present, x), 1.0)
 
 
 def inverse_training_rates(
@@ -58,8 +43,8 @@ def inverse_training_rates(
             denominator of ``r_i`` runs over these only.
 
     Returns:
-        ``(loss_ratios, inverse_rates)``, both shaped like ``losses``. Entries of absent
-        tasks are computed but meaningless.
+        ``(loss_ratios, inverse_rates)``, both shaped like ``losses``. The ratios of absent
+        tasks are computed but meaningless; their rates are 0.
 
     Example::
 
@@ -68,12 +53,23 @@ def inverse_training_rates(
         tensor([0.5000, 1.5000])
         >>> rates
         tensor([0.5000, 1.5000])
+        >>> inverse_training_rates(torch.tensor([1.0, 3.0, 9.0]), torch.tensor([2.0, 2.0, 0.0]),
+        ...                        torch.tensor([True, True, False]))[1]
+        tensor([0.5000, 1.5000, 0.0000])
     """
-    present = _present_or_all(losses, present)
+    if present is None:
+        ratios = losses / initial_losses
+        return ratios, ratios / ratios.mean()
+    return _inverse_training_rates(losses, initial_losses, present, present.sum())
+
+
+def _inverse_training_rates(losses: Tensor, initial_losses: Tensor, present: Tensor,
+                            count: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`inverse_training_rates` with ``count = present.sum()`` given."""
     ratios = losses / initial_losses
-    # Absent tasks may hold NaN/Inf: keep them out of the mean and out of the division.
-    safe_ratios = array_ops(ratios).where(present, ratios, 1.0)
-    return ratios, safe_ratios / _masked_mean(safe_ratios, present)
+    # absent tasks may hold NaN/Inf: out of the mean, and 0 themselves
+    safe = torch.where(present, ratios, 0.0)
+    return ratios, safe / (safe.sum() / count)
 
 
 def gradnorm_weight_grad(
@@ -113,7 +109,8 @@ def gradnorm_weight_grad(
         >>> loss
         tensor(2.)
     """
-    present = _present_or_all(weights, present)
+    if present is None:
+        present = torch.ones_like(weights, dtype=torch.bool)
     ratios, rates = inverse_training_rates(losses, initial_losses, present)
     weight_grad, gradnorm_loss = gradnorm_weight_grad_from_rates(weights, grad_norms, rates, alpha, present)
     return weight_grad, gradnorm_loss, ratios, rates
@@ -126,7 +123,7 @@ def gradnorm_weight_grad_from_rates(
 
     Args:
         weights: the task weights ``w_i``.
-        grad_norms: ``n_i``.
+        grad_norms: ``n_i`` (anything, even non-finite, for absent tasks).
         inverse_rates: ``r_i`` (finite for absent tasks, as :func:`inverse_training_rates` gives).
         alpha: the asymmetry.
         present: boolean mask of the tasks that take part.
@@ -140,13 +137,21 @@ def gradnorm_weight_grad_from_rates(
         ...                                 torch.tensor([True, True]))
         (tensor([-1.,  3.]), tensor(2.))
     """
-    xp = array_ops(weights)
-    safe_norms = xp.where(present, grad_norms, 0.0)
+    return _weight_grad(weights, grad_norms, inverse_rates, alpha, present, present.sum())
+
+
+def _weight_grad(weights: Tensor, grad_norms: Tensor, inverse_rates: Tensor, alpha: float, present: Tensor,
+                 count: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`gradnorm_weight_grad_from_rates` with ``count = present.sum()`` given."""
+    safe_norms = torch.where(present, grad_norms, 0.0)
     weighted = weights * safe_norms
-    diff = weighted - _masked_mean(weighted, present) * inverse_rates**alpha
-    gradnorm_loss = xp.where(present, abs(diff), 0.0).sum()
-    # absent tasks: sign(finite) * 0 = 0
-    return xp.sign(diff) * safe_norms, gradnorm_loss
+    mean = weighted.sum() / count
+    if alpha > 0:
+        # G_i - mean(G) r_i ** alpha: 0 for absent tasks (G_i = r_i = 0)
+        diff = torch.addcmul(weighted, inverse_rates**alpha, mean, value=-1)
+    else:
+        diff = torch.where(present, weighted - mean, 0.0)
+    return diff.sign() * safe_norms, torch.linalg.vector_norm(diff, 1)
 
 
 def renormalize_weights(
@@ -155,16 +160,24 @@ def renormalize_weights(
     present: Tensor | None = None,
     min_weight: float = 0.0,
 ) -> Tensor:
-    """Clamp the updated weights to ``min_weight`` and rescale them to sum to ``T``.
+    """The updated weights, floored at ``min_weight`` and rescaled to sum to ``T``, both exactly.
 
-    Absent tasks keep their previous weight; the present ones share what is left of ``T``
-    in proportion to their updated values, so the sum stays exactly ``T``.
+    Absent tasks keep their previous weight; the ``n`` present ones share what is left of ``T``,
+    ``B = T - sum(absent weights)``, in proportion to their updated values ``x_i`` (floored at
+    ``min_weight`` first): ``w_i = max(min_weight, c x_i)`` with the one scale ``c`` for which
+    they sum to ``B``. When no scaled weight falls below the floor, ``c = B / sum(x)``: the
+    plain renormalisation. Otherwise the weights at the floor stay there and the others share
+    the rest: with the ``x`` sorted in decreasing order and ``S_j`` the sum of the ``j``
+    largest, ``c = min_j (B - (n - j) min_weight) / S_j`` (each candidate bounds ``c`` from
+    above, and the one whose ``j`` weights are the unfloored ones is it). Found without reading
+    a value on the host. Where the floor cannot hold (``n * min_weight > B``: absent tasks hold
+    more than ``T - n * min_weight``), the floor used is ``B / n`` and the sum still ``T``.
 
     Args:
         weights: 1-D tensor of the weights after the optimizer step.
         previous: 1-D tensor of the weights before it (kept for absent tasks).
         present: optional boolean mask of the tasks that took part.
-        min_weight: floor applied before renormalisation (keeps weights positive).
+        min_weight: the floor every present weight keeps after renormalisation (``>= 0``).
 
     Returns:
         The renormalised weights.
@@ -176,14 +189,29 @@ def renormalize_weights(
         >>> renormalize_weights(torch.tensor([3.0, 1.0, 7.0]), torch.ones(3),
         ...                     present=torch.tensor([True, True, False]))
         tensor([1.5000, 0.5000, 1.0000])
+        >>> renormalize_weights(torch.tensor([1000.0, 1.0, 0.001]), torch.ones(3), min_weight=0.1)
+        tensor([2.8000, 0.1000, 0.1000])
     """
-    xp = array_ops(weights)
-    present = _present_or_all(weights, present)
-    num_tasks = weights.shape[0]
-    clamped = xp.clamp_min(weights, min_weight)
-    absent_sum = xp.where(present, 0.0, previous).sum()
-    present_sum = xp.where(present, clamped, 0.0).sum()
-    return xp.where(present, clamped * ((num_tasks - absent_sum) / present_sum), previous)
+    if present is None:
+        present = torch.ones_like(weights, dtype=torch.bool)
+    budget = weights.shape[0] - torch.where(present, 0.0, previous).sum()
+    floor = torch.clamp_max(budget / present.sum(), min_weight)
+    ramp = weights.shape[0] + torch.arange(1, weights.shape[0] + 1, dtype=weights.dtype, device=weights.device) * floor
+    return _floored_renormalization(weights, previous, present, floor, ramp)[0]
+
+
+def _floored_renormalization(
+    weights: Tensor, previous: Tensor, present: Tensor, floor: float | Tensor, ramp: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`renormalize_weights` for a floor that can hold, with ``ramp = T + floor * [1, 2, ..., T]``
+    given (a balancer makes it once), also returning the scale ``c`` (non-finite or 0 when an
+    input was)."""
+    floored = torch.where(present, weights.clamp_min(floor), 0.0)  # absent: 0, sorted last
+    # the j-th candidate (B - (n - j) m) / S_j, with B - n m = T - sum_i (m if present else previous_i)
+    # (for j beyond the present tasks, S_j stops growing and the candidate only grows)
+    partial = floored.sort(descending=True).values.cumsum(0)
+    scale = ((ramp - torch.where(present, floor, previous).sum()) / partial).amin()
+    return torch.where(present, (floored * scale).clamp_min(floor), previous), scale
 
 
 def adam_update(
@@ -222,9 +250,8 @@ def adam_update(
     step = step + 1
     exp_avg = exp_avg * beta1 + grad * (1 - beta1)
     exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
-    xp = array_ops(grad)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    denom = xp.sqrt(exp_avg_sq) / xp.sqrt(bias_correction2) + eps
+    denom = exp_avg_sq.sqrt() / bias_correction2.sqrt() + eps
     direction = exp_avg / bias_correction1 / denom
     return direction, exp_avg, exp_avg_sq, step

@@ -329,3 +329,58 @@ def test_a_step_leaves_no_graph_alive(views: bool, mode: str) -> None:
         del z, losses
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_a_first_loss_of_exactly_zero_sits_only_that_task_out_until_measured_again() -> None:
+    """L_b(0) = 0 at the first step: task b sits out that update (its weight kept, the others
+    updated) and its L(0) is measured at its next present step: the textbook with b absent at the
+    first step (b's zero loss gives the model no gradient either)."""
+    trunk, heads = make_multitask(0)
+    trunk_ref, heads_ref = copy.deepcopy(trunk), copy.deepcopy(heads)
+    gn = GradNorm(trunk[2], num_tasks=3, alpha=1.5, lr=0.025, optimizer="sgd")
+    ref = TextbookGradNorm(list(trunk_ref[2].parameters()), 3, 1.5, 0.025)
+    opt = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.05)
+    opt_ref = torch.optim.SGD([*trunk_ref.parameters(), *heads_ref.parameters()], lr=0.05)
+    second_b = None
+    for step, (x, y) in enumerate(make_batches(3, 8)):
+        losses = task_losses(heads, trunk(x), y)
+        if step == 0:
+            losses[1] = losses[1] * 0.0  # finite, with a graph: present, L(0) = 0
+        elif step == 1:
+            second_b = float(losses[1])
+        opt.zero_grad()
+        gn.combine(losses).backward()
+        gn.step()
+        opt.step()
+        present = [True, step > 0, True]
+        ref_losses = task_losses(heads_ref, trunk_ref(x), y)
+        opt_ref.zero_grad()
+        ref.model_loss(ref_losses, present).backward(retain_graph=True)
+        ref.update(ref_losses, present)
+        opt_ref.step()
+        torch.testing.assert_close(gn.weights, ref.w.detach(), rtol=0, atol=1e-12)
+        if step == 0:
+            assert gn.weights[1] == 1.0 and (gn.weights - 1).abs().max() > 1e-3  # b kept, a and c moved
+            assert bool(gn.last_stats["applied"])
+    assert gn.zero_initial_loss_steps.tolist() == [0.0, 1.0, 0.0]
+    assert gn.skipped.tolist() == [0.0, 0.0, 0.0]  # (b was present, not absent)
+    assert float(gn.current_initial_losses[1]) == second_b
+    (message,) = gn.health_warnings()
+    assert "['task1']" in message and "initial_losses" in message
+
+
+def test_a_first_loss_of_zero_under_a_k_step_l0_starts_the_average_again() -> None:
+    """``initial_loss_steps=2``: a task whose first losses sum to 0 starts its average again."""
+    layer = nn.Linear(3, 3).double()
+    gn = GradNorm(layer, num_tasks=2, initial_loss_steps=2, optimizer="sgd")
+    x = torch.randn(4, 3, dtype=torch.float64)
+    seen = []
+    for step in range(4):
+        z = layer(x)
+        b = z[:, 1].pow(2).mean() * (0.0 if step == 0 else 1.0)
+        seen.append(float(b))
+        gn.combine([z[:, 0].pow(2).mean(), b]).backward()
+        gn.step()
+    assert gn.zero_initial_loss_steps.tolist() == [0.0, 1.0]
+    # b's L(0): the mean of its first two positive losses (steps 1 and 2), not of steps 0 and 1
+    assert float(gn.current_initial_losses[1]) == pytest.approx((seen[1] + seen[2]) / 2, rel=1e-14)

@@ -33,7 +33,8 @@ def test_every_row_follows_its_textbook_trajectory(name: str) -> None:
     wl = workloads.workload(name, tiny=True)
     results = measure.check_trajectories(wl, steps=8, keys=_keys(), verbose=False)
     by_key = {r.key: r for r in results}
-    expected = {k for k in _keys(wl) if k not in ("plain", "arithmetic")}  # (rows without weights)
+    # (rows without weights, or without a textbook trajectory: update_every's)
+    expected = {k for k in _keys(wl) if k not in ("plain", "arithmetic") and not k.startswith("gnl-every")}
     assert set(by_key) == expected
     assert ("minimal" in by_key) == (name in ("toy", "conv"))  # the floor reference: shared Linear + ReLU only
     for r in results:
@@ -184,9 +185,53 @@ def test_gpu_check_parts_run_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> N
     ok, lines = gpu_check.precision_fits(("toy",), 3, device="cpu", tiny=True)
     assert ok and sum("| toy |" in ln for ln in lines) == 3
     ok, lines = gpu_check.benchmark_rows(("toy",), 2, 0, 3, 2, device="cpu", tiny=True)
-    rows = [ln for ln in lines if ln.startswith("| gradnorm-lightning default")]
+    rows = [ln for ln in lines if ln.startswith("| gradnorm-lightning default (")]
     assert ok and len(rows) == 2  # the benchmark's batch and the scaled one
     assert rows[0].endswith("[W] |") and rows[1].endswith("| — |")  # the float64 check: the benchmark's size
+    ok, lines = gpu_check.throughput_rows(("resnet", "transformer"), 2, 2, device="cpu", tiny=True)
+    rows = [ln for ln in lines if ln.startswith("| resnet") or ln.startswith("| transformer")]
+    assert ok and len(rows) == 4 and all(ln.count("|") == 6 for ln in rows)
+    assert [ln.split(" | ")[1] for ln in rows[:2]] == ["plain sum (no balancing)", "gradnorm-lightning default"]
+    assert rows[0].endswith("| 1.00× |")
     if not torch.cuda.is_available():
         assert gpu_check.main([]) == 2  # says there is nothing to check, and checks nothing
         assert "no CUDA device" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device_path", [False, True], ids=["cpu", "device-path"])
+def test_op_count_accounts_for_every_phase(device_path: bool) -> None:
+    from benchmarks import count_ops
+
+    counts = count_ops.count("toy", "adam", views=False, device_path=device_path, tiny=True)
+    plain, balanced = counts["total"]
+    assert plain == sum(p for k, (p, _) in counts.items() if k != "total")
+    assert balanced == sum(b for k, (_, b) in counts.items() if k != "total")
+    assert counts["gn.step: update"][0] == counts["gn.step: statistics"][0] == 0  # (no balancer in the plain step)
+    assert counts["gn.step: update"][1] > 20 and counts["gn.step: statistics"][1] > 0
+    assert counts["opt.step"][0] == counts["opt.step"][1] > 0  # the same model and optimizer
+    # a regression guard, not a timing: the lean update adds about 60 (Adam); the update that
+    # ran on GPUs before issue 25 added 140 over the plain step
+    assert balanced - plain < 120
+    lines = count_ops.table("toy", "sgd", device_path, tiny=True)
+    assert lines[-1].startswith("| **total** |") and lines[-1].count("|") == 7
+
+
+@pytest.mark.parametrize("name", ["resnet", "transformer"])
+def test_throughput_models_train_with_gradnorm_at_the_shared_layer(name: str) -> None:
+    """The GPU-bound rows' models: the shared layer is the one the docs name, and GradNorm moves
+    the weights through the public API."""
+    from benchmarks import throughput
+
+    s = throughput.size(name, tiny=True)
+    plain, balanced = throughput.rows(s)
+    data = throughput.batches(s, 3)
+    times = throughput.time_throughput([plain, balanced], data, steps=2, rounds=2)
+    assert [len(t) for t in times] == [2, 2] and all(t > 0 for ts in times for t in ts)
+    model = balanced.model
+    layer = model.shared_layer
+    last = model.trunk[-3] if name == "resnet" else model.layers[-1]
+    assert layer is (last.conv2 if name == "resnet" else last.fc2)
+    weights = balanced.gn.weights
+    assert not torch.allclose(weights, torch.ones_like(weights))
+    assert float(weights.sum()) == pytest.approx(s.num_tasks, abs=1e-4)
+    assert torch.isfinite(balanced.gn.last_stats["grad_norms"]).all()

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from gradnorm_lightning import GradNorm, GradNormCallback, GradNormMixin
+from gradnorm_lightning import EqualWeightingCallback, GradNorm, GradNormCallback, GradNormMixin
 from tests.lightning_models import MultiTaskNet, loader, trainer
 from tests.textbook import textbook_trajectory
 
@@ -180,15 +180,39 @@ def test_shared_layer_without_parameters_is_refused() -> None:
         trainer(1, callbacks=[GradNormCallback(optimizer="sgd")]).fit(Frozen(), loader(3, 1))
 
 
-def test_two_callbacks_are_refused() -> None:
-    # Lightning itself refuses two callbacks with one state key when the Trainer is built ...
-    with pytest.raises(RuntimeError, match=r"more than one stateful callback of type `GradNormCallback`"):
-        trainer(1, callbacks=[GradNormCallback(optimizer="sgd"), GradNormCallback(optimizer="sgd")])
-    # ... and `setup` is the backstop for callbacks added afterwards.
-    t = trainer(1, callbacks=[GradNormCallback(optimizer="sgd")])
-    t.callbacks.append(GradNormCallback(optimizer="sgd"))
+def test_two_callbacks_are_refused_with_the_librarys_message() -> None:
+    # Lightning's own check of Trainer(callbacks=...) lets them through (their state keys differ
+    # until setup), and setup refuses them with the fix
+    t = trainer(1, callbacks=[GradNormCallback(optimizer="sgd"), GradNormCallback(optimizer="sgd")])
     with pytest.raises(ValueError, match=r"more than one loss-weighting callback \(GradNormCallback\); keep exactly one"):
         t.fit(MultiTaskNet(), loader(3, 1))
+    # ... and callbacks added after the Trainer was built too
+    t = trainer(1, callbacks=[GradNormCallback(optimizer="sgd")])
+    t.callbacks.append(EqualWeightingCallback())
+    with pytest.raises(ValueError, match=r"\(EqualWeightingCallback, GradNormCallback\); keep exactly one"):
+        t.fit(MultiTaskNet(), loader(3, 1))
+
+
+def test_the_state_is_stored_under_the_class_name_and_old_checkpoints_load(tmp_path: Path) -> None:
+    """The state key is Lightning's default, the class name, once the callback is set up: a checkpoint
+    written by an earlier version (state under "GradNormCallback") resumes the same trajectory."""
+    cb = GradNormCallback(optimizer="sgd")
+    t = trainer(2, callbacks=[cb])
+    t.fit(MultiTaskNet(), loader(3, 2))
+    assert cb.state_key == "GradNormCallback" and cb.balancer is not None
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    checkpoint = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    stored = checkpoint["callbacks"]["GradNormCallback"]
+    assert torch.equal(stored["weights"], cb.balancer.weights)
+    # the earlier layout: the same key, without the state added since
+    for key in ("zero_initial_loss_steps", "floor_steps", "jump_steps", "skipped_updates"):
+        stored.pop(key, None)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    resumed = GradNormCallback(optimizer="sgd")
+    assert resumed.state_key != "GradNormCallback"  # (its own until setup)
+    trainer(2, callbacks=[resumed]).fit(MultiTaskNet(), loader(3, 2), ckpt_path=tmp_path / "old.ckpt")
+    assert resumed.balancer is not None and resumed.balancer.steps == 2
+    assert torch.equal(resumed.balancer.weights, cb.balancer.weights)
 
 
 def test_two_optimizers_are_refused() -> None:

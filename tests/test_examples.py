@@ -1,7 +1,7 @@
 """Run every script in ``examples/`` for a few steps and check what it claims to show.
 
-The plain-PyTorch, Lightning and dense-prediction examples are imported and their
-``main(argv)`` is called in this process (fast); the Hydra project runs as a subprocess
+The plain-PyTorch, Lightning, Fabric and dense-prediction examples are imported and their
+``main(argv)`` (the Fabric one's ``train``) is called in this process (fast); the Hydra project runs as a subprocess
 (``@hydra.main`` parses the command line), and its config is also composed here. The
 ``slow`` tests run each script as a user would, from a foreign working directory.
 """
@@ -126,6 +126,26 @@ def test_dense_prediction_conv_shared_layer_with_and_without_task_views() -> Non
     assert without["weights"] == pytest.approx(with_views["weights"], rel=1e-5)
 
 
+# ---------------------------------------------------------------------------- Lightning Fabric
+def test_fabric_loop_runs_the_plain_balancer_in_fabric_precisions() -> None:
+    """``fabric.backward(gn.combine(losses))`` then ``gn.step()``: in 32-true exactly the loop without
+    Fabric; in bf16-mixed and bf16-true the balancer stays float32, updates on every step and
+    stays near the float32 weights."""
+    fab = _load(EXAMPLES / "fabric_loop.py")
+    plain = fab.train(8, None)
+    f32 = fab.train(8, "32-true")
+    assert f32["weights"] == plain["weights"]
+    _check_weights(f32["weights"], fab.TASKS)
+    assert max(abs(w - 1.0) for w in f32["weights"].values()) > 1e-3  # the weights moved
+    for precision in ("bf16-mixed", "bf16-true"):
+        result = fab.train(8, precision)
+        assert result["dtype"] == torch.float32 and result["updates"] == 8, precision
+        _check_weights(result["weights"], fab.TASKS)
+        assert all(math.isfinite(v) for v in result["last_losses"].values())
+        deviation = max(abs(result["weights"][k] - f32["weights"][k]) for k in fab.TASKS)
+        assert deviation < 0.05, (precision, deviation)  # bfloat16 keeps ~3 significant digits
+
+
 # ---------------------------------------------------------------------------- Hydra project
 def test_hydra_project_config_builds_gradnorm_callback() -> None:
     train = _load(HYDRA_PROJECT / "train.py")
@@ -169,6 +189,7 @@ def test_hydra_project_trains_from_its_own_config(tmp_path: Path) -> None:
         ("plain_pytorch.py", "model parameters finite: True"),
         ("lightning_minimal.py", "metrics written to"),
         ("dense_prediction.py", "final task weights"),
+        ("fabric_loop.py", "final task weights"),
     ],
 )
 def test_script_runs_from_any_directory(script: str, expected: str, tmp_path: Path) -> None:

@@ -173,3 +173,116 @@ def test_plain_gradscaler_found_inf_leaves_state_unchanged(at: int) -> None:
     dev = (w[kept] - w_ref).abs().max().item()
     print(f"found_inf at step {at}: run vs run without that batch: |dw| {dev:.2e}")
     assert dev < 1e-6
+
+
+def test_64_true_balancer_follows_the_model_to_float64() -> None:
+    """Lightning converts the model to float64 after the callback's ``setup``: the balancer follows,
+    and the fit's weights and norms are those of the same float64 model in a plain loop."""
+    from helpers.dist_models import MultiTask, make_trainer, plain_single
+
+    batches = make_batches(STEPS, 16, seed=3, dtype=torch.float64)
+    cb, rec = GradNormCallback(**GN), Recorder()
+    make_trainer([cb, rec], precision="64-true").fit(MultiTask(batches))
+    gn = cb.balancer
+    assert gn is not None and gn.dtype == torch.float64
+    for name in (*TRAJECTORY_STATE, "floor_steps", "jump_steps"):
+        assert getattr(gn, name).dtype == torch.float64, name
+    ref = plain_single(batches, GN)
+    assert ref["weights"].dtype == torch.float64
+    torch.testing.assert_close(torch.stack(rec.weights), ref["weights"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.stack(rec.norms), ref["norms"], rtol=1e-12, atol=0)
+    assert (ref["weights"][-1] - 1).abs().max() > 1e-3  # the weights moved
+
+
+def test_64_true_resume_loads_the_balancer_state_in_float64(tmp_path: Path) -> None:
+    """A 64-true checkpoint's balancer state is loaded in float64: the balancer is made float64 in
+    ``setup``, before the state is loaded into it (loaded into float32, it would be rounded). (The
+    model itself is restored by Lightning before its conversion, so its float64 parameters come
+    back rounded to float32: the resumed fit cannot equal the uninterrupted one bit for bit.)"""
+    from helpers.dist_models import MultiTask, make_trainer
+
+    class AtStart(L.Callback):
+        def __init__(self) -> None:
+            self.state: dict[str, torch.Tensor] = {}
+
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.state = _balancer(trainer).state_dict()
+
+    batches = make_batches(2, 16, seed=4, dtype=torch.float64)  # two steps an epoch
+    first = GradNormCallback(**GN)
+    trainer = make_trainer([first], precision="64-true", max_epochs=1)
+    trainer.fit(MultiTask(batches))
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    saved = first.state_dict()
+    assert saved["weights"].dtype == torch.float64 and not torch.equal(saved["weights"].float().double(),
+                                                                       saved["weights"])
+    resumed, at_start = GradNormCallback(**GN), AtStart()
+    make_trainer([resumed, at_start], precision="64-true", max_epochs=2).fit(
+        MultiTask(batches), ckpt_path=tmp_path / "half.ckpt")
+    for name, value in saved.items():
+        if isinstance(value, torch.Tensor) and name != "nonfinite_grad_steps":  # (the callback's own)
+            assert torch.equal(at_start.state[name], value), name
+    assert resumed.balancer is not None and resumed.balancer.steps == 4
+
+
+def test_plain_balancer_follows_a_model_converted_after_it_was_made() -> None:
+    layer = torch.nn.Linear(3, 3)
+    gn = GradNorm(layer, num_tasks=2)
+    assert gn.weights.dtype == torch.float32
+    layer.double()
+    gn.follow_layer_dtype()
+    assert gn.weights.dtype == gn.exp_avg.dtype == gn._ramp.dtype == torch.float64
+    z = layer(torch.randn(4, 3, dtype=torch.float64))
+    gn.combine([z[:, 0].pow(2).mean(), z[:, 1].pow(2).mean()]).backward()
+    gn.step()
+    assert gn.last_stats["grad_norms"].dtype == gn.weights.dtype == torch.float64
+    layer.to(torch.bfloat16)
+    gn.follow_layer_dtype()  # half precision keeps float32 statistics
+    assert gn.weights.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"float32 or torch\.float64"):
+        gn.set_dtype(torch.float16)
+
+
+def test_float16_losses_are_combined_in_float32_and_warned_about_once() -> None:
+    """Two float16 losses of 40000 sum past float16's 65504: combined in float32 the model loss stays
+    finite; the warning names the overflow, once; a loss that overflowed in float16 (inf) is absent."""
+    import warnings
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 4).half()
+    gn = GradNorm(layer, num_tasks=2, optimizer="sgd", lr=1e-6)
+    caught: list[str] = []
+    for step in range(3):
+        z = layer(torch.randn(5, 3).half())
+        big = torch.tensor(70000.0 if step == 2 else 40000.0, dtype=torch.float16)  # inf at step 2
+        losses = [z[:, 0].pow(2).mean() + big, z[:, 1].pow(2).mean() + 40000.0]
+        assert losses[1].dtype == torch.float16 and torch.isfinite(losses[1])
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            combined = gn.combine(losses)
+        caught += [str(m.message) for m in w]
+        assert combined.dtype == torch.float32
+        assert torch.isfinite(combined)
+        assert float(combined) > 65504 if step < 2 else float(combined) < 65504  # (a float16 sum would be inf)
+        combined.backward()
+        gn.step()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    assert len(caught) == 1 and "65504" in caught[0] and "float32" in caught[0]
+    assert gn.skipped.tolist() == [1.0, 0.0]  # step 2's overflowed loss: absent
+    assert float(gn.num_updates) == 3 and torch.isfinite(gn.weights).all()
+    assert float(gn.weights.sum()) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_bfloat16_losses_are_combined_in_float32_without_a_warning() -> None:
+    import warnings
+
+    layer = torch.nn.Linear(3, 4).to(torch.bfloat16)
+    gn = GradNorm(layer, num_tasks=2)
+    z = layer(torch.randn(5, 3, dtype=torch.bfloat16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        combined = gn.combine([z[:, 0].pow(2).mean(), z[:, 1].pow(2).mean()])
+    assert combined.dtype == torch.float32
+    combined.backward()
+    gn.step()
+    assert gn.weights.dtype == torch.float32 and torch.isfinite(gn.last_stats["grad_norms"]).all()

@@ -22,7 +22,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -51,6 +51,20 @@ def problems(draw, min_tasks=2, max_tasks=7):
     loss = torch.tensor(draw(vec), dtype=F64)
     l0 = torch.tensor(draw(vec), dtype=F64)
     return w, n, loss, l0
+
+
+def floor_projection(x, budget, floor):
+    """``max(floor, c x)`` summing to ``budget``, ``c`` found by bisection (an independent reference
+    for ``renormalize_weights``: ``sum_i max(floor, c x_i)`` grows with ``c``)."""
+    x, budget = x.double(), float(budget)
+    lo, hi = 0.0, budget / float(x.min())
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if float(torch.clamp_min(mid * x, floor).sum()) < budget:
+            lo = mid
+        else:
+            hi = mid
+    return torch.clamp_min(hi * x, floor)
 
 
 def _masks(t):
@@ -205,9 +219,12 @@ def test_absent_tasks_zero_grad_keep_weight_and_do_not_leak(prob, alpha, lr, dat
     torch.testing.assert_close(gloss, sub_loss, rtol=1e-12, atol=1e-12)
     new = renormalize_weights(w - lr * grad, w, present, 1e-4)
     assert torch.equal(new[~present], w[~present])
-    # present weights: the textbook rescaling of the sub-problem to T minus the absent weights
-    stepped = (w[idx] - lr * sub_grad).clamp_min(1e-4)
-    expect = stepped * (t - w[~present].sum()) / stepped.sum()
+    # present weights: the sub-problem's stepped weights, floored, rescaled to T minus the absent
+    # weights (with the floor kept after the rescaling: see floor_projection)
+    budget = float(t - w[~present].sum())
+    floor = min(1e-4, budget / len(idx))  # (the drawn weights may leave less than n * 1e-4)
+    stepped = (w[idx] - lr * sub_grad).clamp_min(floor)
+    expect = floor_projection(stepped, budget, floor)
     torch.testing.assert_close(new[idx], expect, rtol=1e-12, atol=1e-12)
 
 
@@ -229,6 +246,8 @@ def _textbook_norms(shared, losses):
     st.sampled_from(["sgd", "adam"]),
     st.sampled_from([1.0, 0.7]),
 )
+# (a weight the rescaling would take below the floor: it stays at it)
+@example(2093, 1.0, 0.5, [["ok"] * 3, ["nan", "ok", "ok"], ["ok"] * 3, ["ok"] * 3], "sgd", 1.0)
 def test_balancer_step_is_the_documented_math(seed, alpha, lr, pattern, optimizer, decay):
     """Four balancer steps with absent tasks == norms by autograd + the rules by hand: SGD or a
     per-task Adam (absent tasks' moments and step counts untouched), lr * decay ** updates."""
@@ -278,7 +297,8 @@ def test_balancer_step_is_the_documented_math(seed, alpha, lr, pattern, optimize
         step[idx] = np.maximum(step[idx] - lr * decay**updates * direction, 1e-4)
         updates += 1
         new = w.numpy().copy()
-        new[idx] = step[idx] * (3 - w.numpy()[~present].sum()) / step[idx].sum()
+        # rescaled to 3 minus the absent weights, the floor kept (the bisection reference)
+        new[idx] = floor_projection(torch.tensor(step[idx]), 3 - w.numpy()[~present].sum(), 1e-4).numpy()
         w = torch.tensor(new)
         torch.testing.assert_close(gn.weights, w, rtol=0, atol=1e-12)
         for p in [*inp.parameters(), *shared.parameters(), *(q for h in heads for q in h.parameters())]:
@@ -287,3 +307,60 @@ def test_balancer_step_is_the_documented_math(seed, alpha, lr, pattern, optimize
     torch.testing.assert_close(
         gn.current_initial_losses[known], torch.tensor([l0[i] for i in known], dtype=F64), rtol=1e-14, atol=0
     )
+
+
+# ---------------------------------------------------------------------- the floor (issue 22, item 6)
+@SETTINGS
+@given(
+    st.integers(2, 7),
+    st.floats(1e-6, 0.2),
+    st.data(),
+)
+def test_renormalised_weights_keep_the_floor_and_sum_to_t(t, min_weight, data):
+    """Whatever the step did (negative, huge, tiny weights): every present weight ends at least
+    ``min_weight``, the weights sum to ``T``, absent ones are kept, and the result is the
+    projection ``max(m, c x)`` of the bisection reference; where the plain rescaling keeps the
+    floor, it is the plain rescaling."""
+    anything = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
+    raw = torch.tensor(data.draw(st.lists(anything, min_size=t, max_size=t)), dtype=F64)
+    present = data.draw(_masks(t))
+    # previous weights at or above the floor, summing to T (what an earlier update left)
+    prev = torch.tensor(data.draw(st.lists(st.floats(1e-3, 1.0), min_size=t, max_size=t)), dtype=F64)
+    prev = min_weight + prev * (t - t * min_weight) / prev.sum()
+    new = renormalize_weights(raw, prev, present, min_weight)
+    assert torch.equal(new[~present], prev[~present])
+    # (the floor can hold while the absent weights leave the present ones at least n * min_weight;
+    # by rounding, a previous step at the floor can leave a hair less: the floor is then B / n)
+    budget = float(t - prev[~present].sum())
+    floor = min(min_weight, budget / int(present.sum()))
+    assert bool((new[present] >= floor * (1 - 1e-12)).all())  # (B / n on both sides: to rounding)
+    assert float(new.sum()) == pytest.approx(t, rel=1e-12)
+    stepped = raw[present].clamp_min(floor)
+    torch.testing.assert_close(new[present], floor_projection(stepped, budget, floor), rtol=1e-9, atol=1e-12)
+    plain = stepped * budget / stepped.sum()
+    if bool((plain >= floor).all()):
+        torch.testing.assert_close(new[present], plain, rtol=1e-12, atol=1e-15)
+
+
+def test_the_floor_holds_in_a_diverging_run():
+    """SGD at a learning rate far too large for the norms (the weights slam into the floor every
+    step): after every update every weight is at least min_weight and the sum is T."""
+    torch.manual_seed(0)
+    inp, shared = nn.Linear(3, 5).double(), nn.Linear(5, 4).double()
+    heads = [nn.Linear(4, 1).double() for _ in range(3)]
+    gn = GradNorm(shared, 3, alpha=1.5, lr=50.0, optimizer="sgd", min_weight=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    at_floor = 0
+    for _ in range(30):
+        x = torch.randn(8, 3, generator=gen, dtype=F64)
+        z = torch.tanh(shared(torch.tanh(inp(x))))
+        losses = [h(z).pow(2).mean() * 10.0**k for k, h in enumerate(heads)]  # norms 1 : 10 : 100
+        gn.combine(losses).backward()
+        gn.step()
+        assert float(gn.weights.min()) >= 1e-4
+        assert float(gn.weights.sum()) == pytest.approx(3.0, abs=1e-12)
+        at_floor += int(float(gn.weights.min()) == 1e-4)
+        for p in [*inp.parameters(), *shared.parameters(), *(q for h in heads for q in h.parameters())]:
+            p.grad = None
+    assert at_floor >= 10  # the floor was really binding (the plain rescaling would go below it)
+    assert float(gn.floor_steps) >= 10

@@ -2,10 +2,11 @@
 
 A strategy is a :class:`Balancer` subclass that implements one method, :meth:`Balancer.propose`:
 given one optimizer step's :class:`StepInputs` it returns a :class:`Proposal` (new weights,
-which tasks' statistics were valid, its own objective, its own state). Everything else is
-here once: task names (fixed once), the state tensors (declared once, for ``to``,
+whether the statistics were valid, its own objective, its own state), in plain torch. Everything
+else is here once: task names (fixed once), the state tensors (declared once, for ``to``,
 ``state_dict`` and pickling), ``L(0)``, absent tasks, the combined loss, and the commit, which
-applies a proposal only when it is valid, on the device, without reading a value on the host.
+applies a proposal only when it is valid. The update is the same torch code on every device, and
+it reads no value on the host.
 The per-task statistics come from a :class:`~gradnorm_lightning.capture.Recorder` handed in
 (or built from ``mode``/``distributed``).
 """
@@ -13,6 +14,7 @@ The per-task statistics come from a :class:`~gradnorm_lightning.capture.Recorder
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -21,7 +23,6 @@ from torch import Tensor, nn
 
 from gradnorm_lightning import _arrays
 from gradnorm_lightning import functional as F
-from gradnorm_lightning._arrays import TORCH, ArrayOps
 from gradnorm_lightning._checks import (
     DISTRIBUTED_MODES,
     MODES,
@@ -40,6 +41,22 @@ from gradnorm_lightning.capture import Recorder
 from gradnorm_lightning.capture.recorder import Statistics, shared_modules
 
 __all__ = ["Balancer", "Proposal", "StepInputs"]
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _layer_dtype(layer: nn.Module | Sequence[nn.Module]) -> torch.dtype:
+    """The balancer's dtype for the shared ``layer`` (or modules): float64 when a trainable parameter
+    is float64, else float32 (also for bfloat16 and float16 layers, whose statistics would lose too much)."""
+    trainable = [p for m in shared_modules(layer) for p in m.parameters() if p.requires_grad]
+    return torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
+
+
+def _optional_integer(name: str) -> Callable[[Any], int | None]:
+    """A checker of a positive integer option that may be ``None``."""
+    check = _integer(name)
+    return lambda value: None if value is None else check(value)
 
 
 def _no_task_message(names: Sequence[str]) -> str:
@@ -67,6 +84,11 @@ class Balancer(TaskState):
         track_grad_norms: measure the per-task gradient norms (strategies that do not need
             them may turn this off; then ``grad_norms`` are NaN).
         recorder: a recorder to use instead of building one from ``mode``/``distributed``.
+        update_every: measure the statistics and update the weights on optimizer steps 0, k,
+            2k, ... only; the other steps train with the current weights as plain steps (no
+            statistics taken).
+        freeze_after: after this many applied weight updates the weights stay fixed and nothing
+            is measured any more (``None``: never); see :attr:`frozen`.
 
     Raises:
         TypeError: for arguments of the wrong type.
@@ -78,10 +100,9 @@ class Balancer(TaskState):
     needs_norms: ClassVar[bool] = True
     #: the log key of the strategy's objective (``None``: it has none)
     objective_key: ClassVar[str | None] = None
-    #: whether :meth:`propose` also takes the host path's Python vectors (``inputs.ops`` names
-    #: the kind): then, on the CPU, the update runs in Python numbers, several times cheaper
-    #: than torch's small-tensor calls
-    host_update: ClassVar[bool] = False
+    #: whether the update needs the loss ratios ``L_i / L_i(0)``: then it applies only when
+    #: some task is ``rated`` (present with a positive ``L(0)``), else when some task is present
+    uses_initial_losses: ClassVar[bool] = False
     #: option name -> checker returning the normalised value (each class adds its own)
     _option_checks: ClassVar[dict[str, Callable[[Any], Any]]] = {
         "initial_losses": _check_initial_losses,
@@ -89,6 +110,8 @@ class Balancer(TaskState):
         "mode": _choice("mode", MODES),
         "distributed": _choice("distributed", DISTRIBUTED_MODES),
         "track_grad_norms": _flag,
+        "update_every": _integer("update_every"),
+        "freeze_after": _optional_integer("freeze_after"),
     }
 
     @classmethod
@@ -126,19 +149,24 @@ class Balancer(TaskState):
         distributed: str = "exact",
         track_grad_norms: bool = True,
         recorder: Recorder | None = None,
+        update_every: int = 1,
+        freeze_after: int | None = None,
     ) -> None:
         self.shared_layer = _check_shared_layer(shared_layer)
         base = self.check_options(
             initial_losses=initial_losses, initial_loss_steps=initial_loss_steps, mode=mode,
-            distributed=distributed, track_grad_norms=track_grad_norms,
+            distributed=distributed, track_grad_norms=track_grad_norms, update_every=update_every,
+            freeze_after=freeze_after,
         )
+        self.update_every: int = base["update_every"]
+        self.freeze_after: int | None = base["freeze_after"]
         self.initial_losses = base["initial_losses"]
         self.initial_loss_steps: int = base["initial_loss_steps"]
         self.mode: str = base["mode"]
         self.distributed: str = base["distributed"]
         self.track_grad_norms: bool = base["track_grad_norms"]
         params = [p for m in shared_modules(self.shared_layer) for p in m.parameters() if p.requires_grad]
-        self.dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        self.dtype = _layer_dtype(self.shared_layer)
         self.device = params[0].device
         self.recorder = recorder if recorder is not None else Recorder(
             shared_layer, mode=self.mode, distributed=self.distributed,
@@ -156,10 +184,18 @@ class Balancer(TaskState):
             raise ValueError(f"`initial_losses` has {len(self.initial_losses)} values for {len(names)} tasks.")
         self._task_names: tuple[str, ...] | None = None
         self._state_names: tuple[str, ...] = ()
+        self._known_initial: Tensor | None = None
+        self._initial_probe: _arrays.HostFlag | None = None
+        self._warned_float16 = False
+        self._frozen = False
+        self._freeze_fired = False  # (freeze_after froze the weights once: it is done)
+        self._freeze_probe: _arrays.HostFlag | None = None
+        self._measuring = True
         self.steps = 0
         self.last_stats: dict[str, Any] = {}
         if names is not None:
             self._init_tasks(names)
+        self._plan_next_step()
 
     # ------------------------------------------------------------------ what a strategy adds
     def propose(self, inputs: StepInputs) -> Proposal:
@@ -176,6 +212,102 @@ class Balancer(TaskState):
     def options(self) -> dict[str, Any]:
         """The strategy's settings (for ``repr`` and logs)."""
         return {"mode": self.mode}
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Keep the weights, the state and the statistics in ``dtype`` (float32 or float64).
+
+        Raises:
+            ValueError: for another dtype.
+        """
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"`dtype` must be torch.float32 or torch.float64; got {dtype!r}.")
+        if dtype != self.dtype:
+            self._set_state_dtype(dtype)
+        self.recorder.set_dtype(dtype)
+
+    def follow_layer_dtype(self) -> None:
+        """Take the dtype the shared layer's parameters have now (float64 for a float64 layer, else
+        float32): call it after converting the model, e.g. ``model.double()``. The Lightning
+        callbacks call it when a fit starts (Lightning converts the model after ``setup``).
+
+        Example::
+
+            >>> layer = nn.Linear(2, 2)
+            >>> gn = Balancer(layer, num_tasks=2)
+            >>> _ = layer.double()
+            >>> gn.follow_layer_dtype()
+            >>> gn.weights.dtype
+            torch.float64
+        """
+        self.set_dtype(_layer_dtype(self.shared_layer))
+
+    # ------------------------------------------------------------------ which steps measure
+    @property
+    def frozen(self) -> bool:
+        """Whether the weights are frozen: they stay as they are and nothing is measured (each step
+        is a plain step). ``freeze_after`` sets it once that many updates were applied; set it by
+        hand at any time (``gn.frozen = True``: ablations, a warm-up schedule). Saved in checkpoints.
+
+        Example::
+
+            >>> gn = Balancer(nn.Linear(2, 2), num_tasks=2)
+            >>> gn.frozen = True
+            >>> gn.frozen, gn.recorder.measuring
+            (True, False)
+        """
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"`frozen` must be True or False; got {value!r}.")
+        self._frozen = value
+        self._plan_next_step()
+
+    @property
+    def measures_next_step(self) -> bool:
+        """Whether the next optimizer step measures statistics and updates the weights (not frozen,
+        and a multiple of ``update_every``)."""
+        return self._measuring
+
+    def _plan_next_step(self) -> None:
+        """Tell the recorder whether the coming step is measured (before its forward)."""
+        self._measuring = not self._frozen and self.steps % self.update_every == 0
+        self.recorder.measuring = self._measuring
+
+    def _probe_freeze(self) -> None:
+        """``freeze_after``: the device stops applying updates at the N-th (see ``_update``); the host
+        freezes once it reads that the count is reached: on the CPU at once, on a GPU one step
+        later (the flag then waited for, though it is there in practice), so that every process
+        freezes on the same step (a frozen step takes part in no reduction of statistics)."""
+        assert self.freeze_after is not None
+        probe = self._freeze_probe
+        if probe is None or not probe.value(wait=True):
+            probe = self._freeze_probe = _arrays.HostFlag(self.num_updates >= self.freeze_after)
+        if probe.value():
+            self._freeze_probe = None
+            self._freeze_fired = self._frozen = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the weight trajectory exactly (with :attr:`frozen`)."""
+        state = super().state_dict()
+        state.update(frozen=self._frozen, freeze_fired=self._freeze_fired)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (a checkpoint without ``frozen`` is not frozen).
+
+        Raises:
+            ValueError: if the checkpoint's tasks or strategy differ from this balancer's.
+        """
+        super().load_state_dict(state)
+        self._frozen = bool(state.get("frozen", False))
+        self._freeze_fired = bool(state.get("freeze_fired", False))
+        self._freeze_probe = None
+        if self.freeze_after is not None and not self._freeze_fired and self.initialized \
+                and float(self.num_updates) >= self.freeze_after:  # (read once, at load)
+            self._freeze_fired = self._frozen = True
+        self._plan_next_step()
 
     # ------------------------------------------------------------------ hooks
     def attach_hooks(self) -> None:
@@ -226,6 +358,10 @@ class Balancer(TaskState):
         backward leaves every gradient ``None``, so the optimizers skip every parameter, and
         :meth:`step` counts the step as empty.
 
+        Half-precision losses (float16, bfloat16) are combined in float32 (a float16 sum
+        overflows past 65504); float16 losses are warned about once, since a float16 loss that
+        overflowed is already infinite, and its task absent from the step.
+
         Args:
             losses: a 1-D tensor of ``T`` losses, a sequence of ``T`` scalar tensors (``None``
                 for a missing task) or a mapping from task name to scalar tensor.
@@ -235,7 +371,7 @@ class Balancer(TaskState):
                 even where it reads a head's own activations.
 
         Returns:
-            The combined loss, a 0-dim tensor.
+            The combined loss, a 0-dim tensor (float32 or float64).
 
         Raises:
             TypeError: losses that are not floating-point tensors.
@@ -257,10 +393,15 @@ class Balancer(TaskState):
                     "leave it out of the dict or pass None or NaN."
                 )
         items = [loss if loss is not None and (loss.requires_grad or not grad_on) else None for loss in items]
+        # half-precision losses are combined in float32 (a sum of float16 losses overflows past 65504)
+        if any(loss is not None and loss.dtype in _HALF for loss in items):
+            self._warn_float16(items)
+            items = [loss.float() if loss is not None and loss.dtype in _HALF else loss for loss in items]
         live = [loss for loss in items if loss is not None]
-        # The state is never written in place (every update makes new tensors), so the model
-        # loss can use the weights as they are: the graph keeps this step's values.
-        weights = self.weights.detach()
+        # The state is never written in place (every update makes new tensors) and never
+        # requires grad, so the model loss can use the weights as they are: the graph keeps this
+        # step's values.
+        weights = self.weights
         if extra is not None and (not isinstance(extra, Tensor) or extra.numel() != 1
                                   or not extra.is_floating_point()):
             raise TypeError(f"`extra` must be a scalar floating-point tensor; got {extra!r}.")
@@ -268,9 +409,9 @@ class Balancer(TaskState):
             empty = self._empty_step(weights)
             return empty if extra is None else empty + extra.reshape(())
         ref = live[0]
-        if self.weights.device != ref.device:
+        if weights.device != ref.device:
             self.to(ref.device)
-            weights = self.weights.detach()
+            weights = self.weights
         # missing tasks enter as NaN, so one device-side isfinite decides presence
         values = torch.stack([
             (loss if loss.dim() == 0 else loss.reshape(())) if loss is not None else ref.new_full((), float("nan"))
@@ -286,6 +427,17 @@ class Balancer(TaskState):
         self.recorder.record(items, values.detach(), present, weights, combined, self.task_names, extra=extra)
         return combined if extra is None else combined + extra.reshape(())
 
+    def _warn_float16(self, items: Sequence[Tensor | None]) -> None:
+        if self._warned_float16 or not any(loss is not None and loss.dtype == torch.float16 for loss in items):
+            return
+        self._warned_float16 = True
+        warnings.warn(
+            "The task losses are float16: they are combined in float32, but a float16 loss above 65504 has "
+            "already overflowed to inf, and its task is then absent from that step (counted in `skipped`). "
+            "Compute the losses in float32 (`loss.float()` before the reduction, or autocast, which does).",
+            stacklevel=3,
+        )
+
     def _empty_step(self, weights: Tensor) -> Tensor:
         values = torch.full((self.num_tasks,), float("nan"), dtype=self.dtype, device=self.device)
         if torch.is_grad_enabled():
@@ -294,19 +446,15 @@ class Balancer(TaskState):
         return torch.zeros((), dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ the update
-    def updates_on_host(self) -> bool:
-        """Whether :meth:`step` runs its ``(T,)`` math on the host in Python numbers (the weights
-        are on the CPU, the strategy supports it, and nothing is being compiled)."""
-        return self.host_update and _arrays.host_reads_free(self.device)
-
     @torch.no_grad()
     def step(self, grad_scale: Tensor | float | None = None, found_inf: Tensor | None = None) -> None:
         """Update the weights from what the backward passes since the last step recorded.
 
         Call it after the model's backward (after every backward pass of an accumulation
         window), before or after the model's optimizer step. Without a recorded ``combine``
-        it does nothing. Runs on the weights' device without reading any value on the host
-        (on the CPU, where the device is the host, in Python numbers: see :mod:`gradnorm_lightning._arrays`).
+        it does nothing. Runs on the weights' device as a few dozen torch operations, without
+        reading any value on the host. On a step that measures nothing (``update_every``,
+        :attr:`frozen`) it only counts the absent tasks.
 
         Args:
             grad_scale: the factor the recorded backward passes were scaled by beyond the
@@ -320,89 +468,109 @@ class Balancer(TaskState):
         stats = self.recorder.collect(grad_scale)
         if stats is None:
             return
+        measured = self._measuring
         self.steps += 1
-        if self.updates_on_host():
-            try:
-                self._update(stats, found_inf, _arrays.python_ops(self.dtype))
-                return
-            except (ArithmeticError, ValueError):
-                pass  # Python raised where IEEE arithmetic gives inf or NaN: the device path decides
-        self._update(stats, found_inf, TORCH)
-
-    def _update(self, stats: Statistics, found_inf: Tensor | None, xp: ArrayOps) -> None:
-        """The update on ``xp``'s arrays (torch tensors, or Python vectors on the host).
-
-        Everything is computed before any state is written, so a host step that raises leaves
-        the state untouched.
-        """
-        get = xp.view
-        present, losses, norms = get(stats.present), get(stats.losses), get(stats.grad_norms)
-        count, total = get(self.initial_loss_count), get(self.initial_loss_sum)
-        # L(0): measured over the first `initial_loss_steps` present steps, or fixed.
-        if self._all_fixed:
-            initial = get(self._fixed_initial)
+        if measured:
+            self._update(stats, found_inf)
         else:
+            self._plain_step(stats)
+        if self.freeze_after is not None and not self._freeze_fired and self.initialized:
+            self._probe_freeze()
+        self._plan_next_step()
+
+    def _initial_losses(self, present: Tensor, losses: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``L(0)`` for this step and the new measurement state.
+
+        A measured ``L(0)`` is the mean of the first ``initial_loss_steps`` losses of each task's
+        present steps. A task whose measured sum is not positive (its first loss was exactly 0)
+        is measured again from its next present step on, and sits out the updates until then
+        (``StepInputs.rated``; counted in ``zero_initial_loss_steps``).
+        """
+        total, count = self.initial_loss_sum, self.initial_loss_count
+        if self.initial_loss_steps == 1:
+            collecting = present & (total <= 0)
+            total = torch.where(collecting, losses, total)
+            count = torch.where(collecting, 1.0, count)
+            initial = total
+        else:
+            count = torch.where(total <= 0, 0.0, count)  # (a sum of 0 starts again)
             collecting = present & (count < self.initial_loss_steps)
-            init_count = count + collecting
-            init_sum = total + losses * collecting  # absent tasks' losses are 0
-            initial = init_sum / xp.clamp_min(init_count, 1.0)
-            if self._any_fixed:
-                initial = xp.where(get(self._fixed_mask), get(self._fixed_initial), initial)
-        ratios, rates = F.inverse_training_rates(losses, initial, present)
-        weights = get(self.weights)
-        proposal = self.propose(
-            StepInputs(weights, norms, losses, initial, present, ratios, rates, get(self.num_updates), xp)
-        )
-        absent = ~present
-        ok = present.any() & (proposal.valid | absent).all()
+            count = count + collecting
+            total = total + losses * collecting  # (absent tasks' losses are 0)
+            initial = total / count.clamp_min(1.0)
+        if self._any_fixed:
+            initial = torch.where(self._fixed_mask, self._fixed_initial, initial)
+        return initial, {"initial_loss_sum": total, "initial_loss_count": count}
+
+    def _probe_initial_losses(self) -> None:
+        """Once every ``L(0)`` is known for good (fixed, or measured over its steps and positive),
+        the update stops measuring it: the flag is read on the host as it arrives, never waited for."""
+        probe = self._initial_probe
+        if probe is None or probe.value() is False:  # (none in flight: ask again)
+            done = (self.initial_loss_sum > 0) & (self.initial_loss_count >= self.initial_loss_steps)
+            probe = self._initial_probe = _arrays.HostFlag((done | self._fixed_mask).all())
+        if probe.value():
+            self._known_initial = self.current_initial_losses
+            self._initial_probe = None
+
+    def _update(self, stats: Statistics, found_inf: Tensor | None) -> None:
+        """The update: ``L(0)``, the loss ratios, the strategy's proposal, the commit."""
+        present, losses = stats.present, stats.losses
+        known = self._known_initial
+        measuring = known is None
+        if known is None:
+            initial, new = self._initial_losses(present, losses)
+            rated = present & (initial > 0)
+        else:
+            initial, new, rated = known, {}, present
+        num_rated = rated.sum()
+        if measuring:
+            ratios, rates = F._inverse_training_rates(losses, initial, rated, num_rated)
+        else:  # (every L(0) is positive and absent tasks' losses are 0: their ratios are 0)
+            ratios = losses / initial
+            rates = ratios / (ratios.sum() / num_rated)
+        proposal = self.propose(StepInputs(
+            self.weights, stats.grad_norms, losses, initial, present, ratios, rates, self.num_updates, rated, num_rated,
+        ))
+        any_present = present.any()
+        # (once every L(0) is known, the rated tasks are the present ones)
+        ok = num_rated > 0 if self.uses_initial_losses and measuring else any_present
+        valid = proposal.valid
+        if valid is not None:
+            ok = ok & (valid if valid.dim() == 0 else (valid | ~present).all())
         if found_inf is not None:
-            ok = ok & xp.is_zero(found_inf.to(self.device))
-        new_state: dict[str, Any] = {"weights": proposal.weights, **proposal.state}
-        if not self._all_fixed:
-            new_state.update(initial_loss_sum=init_sum, initial_loss_count=init_count)
+            ok = ok & (found_inf.to(self.device) == 0).all()
+        if self.freeze_after is not None and not self._freeze_fired:
+            ok = ok & (self.num_updates < self.freeze_after)  # (exact, before the host knows)
+        new.update(proposal.state)
+        new["weights"] = proposal.weights
+        # per-task counters, written whether or not the update applies
+        if stats.absent is not None:  # (counted per backward pass; None: no task was absent)
+            new["skipped"] = self.skipped + stats.absent
+        if measuring:
+            new["zero_initial_loss_steps"] = self.zero_initial_loss_steps + (present ^ rated)
+        counts = {name: ok & flag for name, flag in proposal.counts.items()}
+        counts.update(num_updates=ok, empty_steps=~any_present)
+        self._commit(new, ok, counts)
+        if measuring:
+            self._probe_initial_losses()
         logged = {"loss_ratios": ratios, "inverse_rates": rates}
         if proposal.objective is not None:
             logged["loss"] = proposal.objective
-        if xp is not TORCH:
-            self._commit_on_host(stats, new_state, logged, ok, absent, xp)
-            return
-        for name, value in new_state.items():
-            setattr(self, name, torch.where(ok, value, getattr(self, name)))
-        self.num_updates = self.num_updates + ok
-        if stats.absent is not None:  # (counted per backward pass)
-            self.skipped = self.skipped + stats.absent.to(self.skipped.dtype)
-        self.skipped_updates = self.skipped_updates + ~ok
-        self.empty_steps = self.empty_steps + absent.all()
         self._set_last_stats(stats, logged, ok)
 
-    def _commit_on_host(self, stats: Statistics, new_state: dict[str, Any], logged: dict[str, Any], ok: bool,
-                        absent: Any, xp: ArrayOps) -> None:
-        """Write a host step's results: on the host the decision is a plain branch, and only what
-        changes is written, all of it as views of one new tensor.
-
-        Args:
-            stats: the step's statistics.
-            new_state: the state a valid step writes (Python vectors and numbers, by name).
-            logged: the logged vectors (``"loss"``: the objective), by name.
-            ok: whether the step is applied.
-            absent: the absent tasks (a Python vector of bools).
-            xp: the host path's operations.
-        """
-        get = xp.view
-        changes = new_state if ok else {}
-        if ok:
-            changes["num_updates"] = get(self.num_updates) + 1
-        else:
-            changes["skipped_updates"] = get(self.skipped_updates) + 1
+    def _plain_step(self, stats: Statistics) -> None:
+        """A step that measured nothing: absent tasks are counted; the statistics of the last
+        measured step stay in ``last_stats`` (NaN before the first), with this step's weights,
+        presence and route, and ``applied`` false."""
         if stats.absent is not None:
-            changes["skipped"] = get(self.skipped) + get(stats.absent.to(self.dtype))
-        if absent.all():
-            changes["empty_steps"] = get(self.empty_steps) + 1
-        # (the logged values are not read back: only the state is remembered)
-        made = xp.tensors({**changes, **{f"/{k}": v for k, v in logged.items()}}, remember=changes)
-        for name in changes:
-            setattr(self, name, made[name])
-        self._set_last_stats(stats, {k: made[f"/{k}"] for k in logged}, torch.tensor(bool(ok)))
+            self.skipped = self.skipped + stats.absent
+        last = self.last_stats
+        if "grad_norms" not in last:
+            unmeasured = self.weights.new_full((self.num_tasks,), float("nan"))
+            last = {"grad_norms": unmeasured, "loss_ratios": unmeasured, "inverse_rates": unmeasured}
+        self.last_stats = {**last, "weights": self.weights, "skipped": self.skipped, "present": stats.present,
+                           "applied": self._no_count, "route": stats.route}
 
     def _set_last_stats(self, stats: Statistics, logged: dict[str, Tensor], applied: Tensor) -> None:
         self.last_stats = {
@@ -418,6 +586,31 @@ class Balancer(TaskState):
             self.last_stats["uncut"] = stats.uncut
         if "loss" in logged:
             self.last_stats["loss"] = logged["loss"]
+
+    def health_warnings(self) -> list[str]:
+        """Warnings about the run so far (reads counters on the host).
+
+        Here: tasks whose measured ``L(0)`` was not positive (a first loss of exactly 0), so that
+        their loss ratio was undefined: they sat out those updates and their ``L(0)`` was
+        measured again at their next present step. The Lightning callback calls this on logging
+        steps and warns once; in a plain loop, call it yourself now and then (it synchronises
+        with the device).
+
+        Returns:
+            One message per problem found.
+        """
+        if not self.initialized or not self.uses_initial_losses:
+            return []
+        counts = self.zero_initial_loss_steps.tolist()
+        tasks = {name: int(c) for name, c in zip(self.task_names, counts) if c > 0}
+        if not tasks:
+            return []
+        return [
+            f"The first loss of task(s) {sorted(tasks)} was 0 (or negative), so its L(0) could not scale the loss "
+            f"ratio: the task sat out the weight updates on {tasks} step(s), until a positive L(0) was measured "
+            "at its next present step (gradnorm/zero_initial_loss_steps). If such a loss can start at 0, fix its "
+            "L(0) with `initial_losses={task: value}`."
+        ]
 
     # ------------------------------------------------------------------ copies
     def __repr__(self) -> str:

@@ -36,8 +36,7 @@ class EqualWeighting(Balancer):
     """
 
     needs_norms = False
-
-    host_update: ClassVar[bool] = True
+    uses_initial_losses: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -56,5 +55,5 @@ class EqualWeighting(Balancer):
         )
 
     def propose(self, inputs: StepInputs) -> Proposal:
-        """Keep the weights; valid where the loss ratios are finite."""
-        return Proposal(inputs.weights, inputs.ops.isfinite(inputs.inverse_rates) & (inputs.initial_losses > 0))
+        """Keep the weights (an update counts when some task is present with a positive ``L(0)``)."""
+        return Proposal(inputs.weights)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Self
 
 from gradnorm_lightning import functional as F
-from gradnorm_lightning._arrays import TORCH, ArrayOps, Vec, ieee_div
 from gradnorm_lightning._checks import (
     OPTIMIZERS,
     WEIGHT_SPACES,
@@ -25,7 +24,6 @@ from gradnorm_lightning.balancers._optimizer import WeightOptimizer
 from gradnorm_lightning.balancers.base import Balancer
 from gradnorm_lightning.balancers.interface import Proposal, StepInputs, own_arguments
 from gradnorm_lightning.capture import Recorder
-from gradnorm_lightning.capture.recorder import Statistics
 
 __all__ = ["GradNorm"]
 
@@ -74,8 +72,9 @@ class GradNorm(Balancer):
             (Keras' ``ExponentialDecay``); ``1.0`` means constant.
         lr_decay_steps: the ``steps`` of the decay.
         lr_staircase: decay in whole ``steps`` only (``floor(updates / steps)``).
-        min_weight: floor applied to the weights before renormalisation (``> 0``; linear
-            weight space only).
+        min_weight: the floor of every weight (``> 0``; linear weight space only): after each
+            update every present weight is at least ``min_weight`` and the weights sum to ``T``
+            (see :func:`~gradnorm_lightning.renormalize_weights`).
         mode: ``"auto"`` (the paper's norms over the shared layer's parameters, by the
             cheapest exact route the model allows; see docs/explanation/routes.md), ``"autograd"``
             (the same norms by one ``autograd.grad`` per task: the slow reference, and no
@@ -87,6 +86,12 @@ class GradNorm(Balancer):
             local norms and losses (``3T`` floats) and uses the mean of the local norms.
         recorder: a :class:`~gradnorm_lightning.capture.Recorder` to use (default: one built
             from ``mode`` and ``distributed``).
+        update_every: measure the statistics and update the weights on optimizer steps 0, k, 2k,
+            ... only (Algorithm 1's update on those steps, ``L(0)`` from step 0); the other steps
+            train with the current weights as plain steps, so a step costs about
+            ``1 + (x - 1) / k`` plain steps where ``x`` is a measured step's cost.
+        freeze_after: after this many applied weight updates the weights stay fixed and every
+            step is a plain step (``None``: never); :attr:`frozen` can also be set by hand.
 
     Raises:
         TypeError: for arguments of the wrong type.
@@ -117,7 +122,8 @@ class GradNorm(Balancer):
     """
 
     objective_key: ClassVar[str | None] = "gradnorm/loss"
-    host_update: ClassVar[bool] = True
+    uses_initial_losses: ClassVar[bool] = True
+    counter_names = ("floor_steps", "jump_steps")
     exp_avg: Tensor
     exp_avg_sq: Tensor
     adam_steps: Tensor
@@ -157,10 +163,12 @@ class GradNorm(Balancer):
         mode: str = "auto",
         distributed: str = "exact",
         recorder: Recorder | None = None,
+        update_every: int = 1,
+        freeze_after: int | None = None,
     ) -> None:
         own = self.check_options(**own_arguments(
             locals(), "shared_layer", "num_tasks", "task_names", "initial_losses", "initial_loss_steps", "mode",
-            "distributed", "recorder",
+            "distributed", "recorder", "update_every", "freeze_after",
         ))
         self.alpha: float = own["alpha"]
         self.lr: float = own["lr"]
@@ -178,6 +186,7 @@ class GradNorm(Balancer):
         super().__init__(
             shared_layer, num_tasks, task_names=task_names, initial_losses=initial_losses,
             initial_loss_steps=initial_loss_steps, mode=mode, distributed=distributed, recorder=recorder,
+            update_every=update_every, freeze_after=freeze_after,
         )
 
     def options(self) -> dict[str, Any]:
@@ -190,150 +199,57 @@ class GradNorm(Balancer):
         state = self._optim.initial_state(num_tasks, self.dtype, self.device)
         scalar = torch.zeros((), dtype=self.dtype, device=self.device)
         state.update(floor_steps=scalar.clone(), jump_steps=scalar.clone())
+        self._make_ramp(num_tasks)
         return state
+
+    def _make_ramp(self, num_tasks: int) -> None:
+        """Made once: the floor's ``T + m * [1, ..., T]`` (see ``functional.renormalize_weights``)."""
+        floor = self.min_weight if self.weight_space == "linear" else float(torch.finfo(self.dtype).tiny)
+        self._ramp = num_tasks + torch.arange(1, num_tasks + 1, dtype=self.dtype, device=self.device) * floor
+        self._floor = floor
+
+    def to(self, device: torch.device | str) -> Self:
+        """Move the state to ``device``."""
+        super().to(device)
+        if self.initialized:
+            self._ramp = self._ramp.to(self.device)
+        return self
+
+    def _set_state_dtype(self, dtype: torch.dtype) -> None:
+        super()._set_state_dtype(dtype)
+        if self.initialized:
+            self._make_ramp(self.num_tasks)
 
     def current_lr(self) -> Tensor | float:
         """The weight optimizer's learning rate for the next update (a 0-dim tensor when it decays)."""
         return self._optim.current_lr(self.num_updates)
 
     def propose(self, inputs: StepInputs) -> Proposal:
-        """The GradNorm rule: a step along ``dL_grad/dw_i = sign(G_i - target_i) n_i``, renormalised."""
-        w, present, xp = inputs.weights, inputs.present, inputs.ops
-        grad, objective = F.gradnorm_weight_grad_from_rates(w, inputs.grad_norms, inputs.inverse_rates, self.alpha, present)
-        state = {name: xp.view(getattr(self, name)) for name in ("exp_avg", "exp_avg_sq", "adam_steps")}
-        floor_steps = xp.view(self.floor_steps)
+        """The GradNorm rule: a step along ``dL_grad/dw_i = sign(G_i - target_i) n_i``, renormalised.
+
+        The tasks that take part are the ``rated`` ones (present, with a positive ``L(0)``).
+        """
+        w, rated = inputs.weights, inputs.rated
+        grad, objective = F._weight_grad(w, inputs.grad_norms, inputs.inverse_rates, self.alpha, rated, inputs.num_rated)
+        state = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "adam_steps": self.adam_steps}
         if self.weight_space == "log":
             # w = exp(s): dL/ds = dL/dw * w; no floor is needed (exp > 0)
-            delta, state = self._optim.step(grad * w, state, inputs.num_updates, present)
-            raw = xp.exp(xp.log(w) - delta)
-            new = F.renormalize_weights(raw, w, present, xp.tiny(w))
+            raw, state = self._optim.step(w.log(), grad * w, state, inputs.num_updates, rated)
+            raw = raw.exp()
         else:
-            delta, state = self._optim.step(grad, state, inputs.num_updates, present)
-            raw = w - delta
-            new = F.renormalize_weights(raw, w, present, self.min_weight)
-            floor_steps = floor_steps + (present & (raw < self.min_weight)).any()
-        valid = (
-            xp.isfinite(inputs.grad_norms) & xp.isfinite(inputs.inverse_rates + new) & (inputs.initial_losses > 0)
-        )
-        state = {
-            **state,
-            "floor_steps": floor_steps,
-            "jump_steps": xp.view(self.jump_steps) + (xp.amax(abs(new - w)) > _JUMP),
-        }
-        return Proposal(new, valid, objective, state)
-
-    # ------------------------------------------------------------------ the host kernel
-    def _update(self, stats: Statistics, found_inf: Tensor | None, xp: ArrayOps) -> None:
-        # (a subclass with its own rule keeps it: the kernel is this class's propose, fused)
-        if xp is TORCH or type(self).propose is not GradNorm.propose:
-            super()._update(stats, found_inf, xp)
-            return
-        try:
-            self._host_kernel(stats, found_inf, xp)
-        except (ArithmeticError, ValueError):
-            # Python raised where IEEE arithmetic gives inf or NaN: the generic path decides
-            # (it falls back to the device path in turn)
-            super()._update(stats, found_inf, xp)
-
-    def _host_kernel(self, stats: Statistics, found_inf: Tensor | None, xp: ArrayOps) -> None:
-        """The whole update of :meth:`Balancer._update` with :meth:`propose`, fused: one pass
-        over the tasks in Python floats, the same operations in the same order as the generic
-        host path (so the same numbers; ``tests/test_host_update.py`` holds them equal), and
-        several times fewer interpreted operations. Writes nothing before it has finished."""
-        get = xp.view
-        present_vec, weights_vec = get(stats.present), get(self.weights)
-        present, losses, norms, weights = present_vec.v, get(stats.losses).v, get(stats.grad_norms).v, weights_vec.v
-        num_tasks = len(weights)
-        tasks = range(num_tasks)
-        init_sum: list[float] = []
-        init_count: list[float] = []
-        count: list[float] = []
-        if self._all_fixed:
-            initial = get(self._fixed_initial).v
-        else:
-            count, total, steps = get(self.initial_loss_count).v, get(self.initial_loss_sum).v, self.initial_loss_steps
-            for i in tasks:
-                collecting = present[i] and count[i] < steps
-                init_count.append(count[i] + collecting)
-                init_sum.append(total[i] + losses[i] * collecting)
-            initial = [a / (c if c >= 1.0 or c != c else 1.0) for a, c in zip(init_sum, init_count)]
-            if self._any_fixed:
-                initial = [f if m else a for f, m, a in zip(get(self._fixed_initial).v, get(self._fixed_mask).v, initial)]
-        ratios = [ieee_div(a, b) for a, b in zip(losses, initial)]
-        live = float(sum(present))
-        live = live if live >= 1.0 else 1.0
-        safe = [r if m else 1.0 for r, m in zip(ratios, present)]
-        mean = sum(r if m else 0.0 for r, m in zip(safe, present)) / live
-        rates = [ieee_div(r, mean) for r in safe]
-        # the GradNorm gradient (F.gradnorm_weight_grad_from_rates)
-        safe_norms = [n if m else 0.0 for n, m in zip(norms, present)]
-        weighted = [a * b for a, b in zip(weights, safe_norms)]
-        mean_g = sum(g if m else 0.0 for g, m in zip(weighted, present)) / live
-        alpha = self.alpha
-        diff = [g - math.pow(r, alpha) * mean_g for g, r in zip(weighted, rates)]
-        objective = sum(abs(d) if m else 0.0 for d, m in zip(diff, present))
-        grad = [(1.0 if d > 0 else (-1.0 if d < 0 else 0.0)) * n for d, n in zip(diff, safe_norms)]
-        log_space = self.weight_space == "log"
-        if log_space:
-            grad = [g * w for g, w in zip(grad, weights)]
-        # the weight optimizer (WeightOptimizer.step)
-        opt = self._optim
-        lr: float = opt.current_lr(get(self.num_updates))
-        state: dict[str, Any] = {}
-        if opt.kind == "adam":
-            beta1, beta2 = opt.betas
-            eps = opt.eps
-            exp_avg, exp_avg_sq, adam_steps = get(self.exp_avg).v, get(self.exp_avg_sq).v, get(self.adam_steps).v
-            new_m, new_v, new_k, delta = [], [], [], []
-            for i in tasks:
-                g = grad[i]
-                k = adam_steps[i] + 1
-                m = exp_avg[i] * beta1 + g * (1 - beta1)
-                v = exp_avg_sq[i] * beta2 + g * g * (1 - beta2)
-                denom = math.sqrt(v) / math.sqrt(1 - math.pow(beta2, k)) + eps
-                delta.append(ieee_div(ieee_div(m, 1 - math.pow(beta1, k)), denom) * lr)
-                keep = present[i]
-                new_m.append(m if keep else exp_avg[i])
-                new_v.append(v if keep else exp_avg_sq[i])
-                new_k.append(k if keep else adam_steps[i])
-            state = {"exp_avg": Vec(new_m), "exp_avg_sq": Vec(new_v), "adam_steps": Vec(new_k)}
-        else:
-            delta = [g * lr for g in grad]
-        floored = False
-        if log_space:
-            raw = [math.exp(math.log(w) - d) for w, d in zip(weights, delta)]
-            low = xp.tiny(weights_vec)
-        else:
-            raw = [w - d for w, d in zip(weights, delta)]
-            low = self.min_weight
-            floored = any(m and r < low for m, r in zip(present, raw))
-        # F.renormalize_weights
-        clamped = [r if r >= low or r != r else low for r in raw]
-        absent_sum = sum(0.0 if m else w for m, w in zip(present, weights))
-        present_sum = sum(c if m else 0.0 for c, m in zip(clamped, present))
-        factor = (num_tasks - absent_sum) / present_sum
-        new = [c * factor if m else w for c, m, w in zip(clamped, present, weights)]
-        change = [abs(a - w) for a, w in zip(new, weights)]
-        jump = (math.nan if any(c != c for c in change) else max(change)) > _JUMP
-        ok = any(present) and all(
-            (math.isfinite(n) and math.isfinite(r + a) and i0 > 0) or not m
-            for n, r, a, i0, m in zip(norms, rates, new, initial, present)
-        )
-        if found_inf is not None:
-            ok = ok and xp.is_zero(found_inf.to(self.device))
-        # only what changes is written (the counters and L(0)'s sums stay the same tensors otherwise)
-        new_state: dict[str, Any] = {"weights": Vec(new), **state}
-        if floored:
-            new_state["floor_steps"] = get(self.floor_steps) + 1
-        if jump:
-            new_state["jump_steps"] = get(self.jump_steps) + 1
-        if not self._all_fixed and init_count != count:
-            new_state.update(initial_loss_sum=Vec(init_sum), initial_loss_count=Vec(init_count))
-        logged = {"loss_ratios": Vec(ratios), "inverse_rates": Vec(rates), "loss": objective}
-        self._commit_on_host(stats, new_state, logged, bool(ok), ~present_vec, xp)
+            raw, state = self._optim.step(w, grad, state, inputs.num_updates, rated)
+        new, scale = F._floored_renormalization(raw, w, rated, self._floor, self._ramp)
+        # a non-finite norm or rate of a task taking part makes the objective non-finite; a
+        # non-finite step makes the scale 0 or non-finite
+        valid = torch.isfinite(objective + scale.reciprocal())
+        counts = {"jump_steps": torch.linalg.vector_norm(new - w, float("inf")) > _JUMP}
+        if self.weight_space == "linear":  # (the step took a weight below the floor)
+            counts["floor_steps"] = ((raw < self.min_weight) & rated).any()
+        return Proposal(new, valid, objective, state, counts)
 
     def health_warnings(self) -> list[str]:
-        """Warnings about weights that park at the floor or jump (reads the counters on the host).
+        """Warnings about weights that park at the floor or jump, and :meth:`Balancer.health_warnings`'s
+        (reads the counters on the host).
 
         The Lightning callback calls this on logging steps and warns once; in a plain loop,
         call it yourself now and then (it synchronises with the device).
@@ -341,12 +257,12 @@ class GradNorm(Balancer):
         Returns:
             One message per problem found (empty when the weights are steady).
         """
+        out = super().health_warnings()
         if not self.initialized:
-            return []
+            return out
         updates = float(self.num_updates)
         if updates < _MIN_UPDATES:
-            return []
-        out = []
+            return out
         floor, jumps = float(self.floor_steps) / updates, float(self.jump_steps) / updates
         fix = (
             "The paper's SGD update scales with the tasks' gradient norms, so with losses of different "

@@ -48,7 +48,6 @@ class UncertaintyWeighting(Balancer):
 
     needs_norms = False
     objective_key: ClassVar[str | None] = "uncertainty/loss"
-    host_update: ClassVar[bool] = True
     log_vars: Tensor
     exp_avg: Tensor
     exp_avg_sq: Tensor
@@ -102,15 +101,14 @@ class UncertaintyWeighting(Balancer):
                 **self._optim.initial_state(num_tasks, self.dtype, self.device)}
 
     def propose(self, inputs: StepInputs) -> Proposal:
-        xp, present = inputs.ops, inputs.present
-        log_vars = xp.view(self.log_vars)
-        zero = xp.zeros_like(inputs.losses)
-        losses = xp.where(present, inputs.losses, zero)
-        grad = xp.where(present, 1 - xp.exp(-log_vars) * losses, zero)
-        state = {name: xp.view(getattr(self, name)) for name in ("exp_avg", "exp_avg_sq", "adam_steps")}
-        delta, state = self._optim.step(grad, state, inputs.num_updates, present)
-        new_log_vars = xp.where(present, log_vars - delta, log_vars)
-        weights = xp.where(present, xp.exp(-new_log_vars), inputs.weights)
-        objective = xp.where(present, inputs.weights * losses + log_vars, zero).sum()
-        valid = xp.isfinite(new_log_vars) & xp.isfinite(inputs.losses)
+        """A step of the log-variances along ``1 - exp(-s_i) L_i`` (present tasks only)."""
+        present, log_vars = inputs.present, self.log_vars
+        losses = torch.where(present, inputs.losses, 0.0)
+        grad = torch.where(present, 1 - inputs.weights * losses, 0.0)  # (the weights are exp(-s))
+        state = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "adam_steps": self.adam_steps}
+        stepped, state = self._optim.step(log_vars, grad, state, inputs.num_updates, present)
+        new_log_vars = torch.where(present, stepped, log_vars)
+        weights = torch.where(present, (-new_log_vars).exp(), inputs.weights)
+        objective = torch.where(present, inputs.weights * losses + log_vars, 0.0).sum()
+        valid = torch.isfinite(new_log_vars) & torch.isfinite(inputs.losses)
         return Proposal(weights, valid, objective, {**state, "log_vars": new_log_vars})

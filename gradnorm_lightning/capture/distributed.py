@@ -25,19 +25,27 @@ def world_size() -> int:
 
 
 def reduce_statistics(acc: Accumulator, mode: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(norms, loss sums, loss weights)`` of one step over all processes.
+    """``(norms, losses, present)`` of one step over all processes.
 
     Args:
         acc: this process's statistics.
         mode: ``"exact"`` or ``"approx"``.
 
     Returns:
-        The per-task norms (of the ``c w_i``-scaled gradients, as recorded) and the summed
-        loss sums and weights.
+        The per-task norms (of the ``c w_i``-scaled gradients, as recorded), each task's loss
+        averaged over every process's passes it was present in (0 where absent everywhere),
+        and whether it was present anywhere.
     """
+    if world_size() == 1:
+        return (acc.norms(), *acc.losses())
+    norms, loss_sum, loss_weight = _reduce(acc, mode)
+    losses = loss_sum / loss_weight.clamp_min(torch.finfo(loss_weight.dtype).tiny)
+    return norms, losses, loss_weight > 0
+
+
+def _reduce(acc: Accumulator, mode: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(norms, loss sums, loss weights)`` summed over the processes."""
     world = world_size()
-    if world == 1:
-        return acc.norms(), acc.loss_sum, acc.loss_weight
     n = acc.loss_sum.numel()
     if mode == "approx" or not acc.measured:
         buf = torch.cat([acc.norms(), acc.loss_sum, acc.loss_weight])

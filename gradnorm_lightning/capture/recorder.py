@@ -180,6 +180,11 @@ class Recorder:
         self.attach()
 
     # ------------------------------------------------------------------ lifecycle
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Compute the statistics in ``dtype`` from the next step on (a balancer following its
+        model from float32 to float64, e.g. Lightning's ``precision="64-true"``)."""
+        self._dtype = dtype
+
     @property
     def uses_forward_hook(self) -> bool:
         """Whether this recorder hooks the shared modules' forward (not for ``mode="autograd"``,
@@ -390,16 +395,13 @@ class Recorder:
                 "back-propagate the combined loss through the whole model (no `inputs=` restricting it) "
                 "before the update."
             )
-        norms, loss_sum, loss_weight = reduce_statistics(acc, self.distributed)
-        weights = self._weights if self._weights is not None else torch.ones_like(norms)
-        norms = norms / as_dtype(weights, norms.dtype)
+        norms, losses, present = reduce_statistics(acc, self.distributed)
+        if self._weights is not None:
+            norms = norms / as_dtype(self._weights, norms.dtype)
         if grad_scale is not None:
             if isinstance(grad_scale, Tensor):
                 grad_scale = grad_scale.to(device=norms.device, dtype=norms.dtype)
             norms = norms / grad_scale
-        present = loss_weight > 0
-        # absent tasks have loss_sum == 0, so the clamp only guards the division
-        losses = loss_sum / loss_weight.clamp_min(torch.finfo(loss_weight.dtype).tiny)
         route = "+".join(dict.fromkeys(acc.routes)) or "none"
         return Statistics(norms, losses, present, route, acc._absent, acc._uncut)
 

@@ -43,14 +43,14 @@ def _inverse_peak(x: Tensor, dims: tuple[int, ...] | None = None, floor: float |
     return peak.clamp_min(floor if floor is not None else torch.finfo(x.dtype).tiny).reciprocal()
 
 
-def _accurate_on_host(norms: Tensor, count: int, present: Tensor | None) -> bool:
+def _accurate_on_host(norms: Tensor, count: int, present: Tensor | list[bool] | None) -> bool:
     """Whether plain (unscaled) norms are right to rounding, read on the host: only where that is free.
 
     A plain norm is wrong when a sum of squares overflowed (then it is not finite) or when the
     squares fell into the subnormal range (then the norm is below ``sqrt(count * tiny / eps)``:
     what ``count`` subnormal squares can lose is then under one rounding error). Tasks outside
-    ``present`` do not count. On a device where reading a value would synchronise, this is
-    ``False``: the scaled formulas are used there unconditionally.
+    ``present`` (a tensor, or its values already read) do not count. On a device where reading
+    a value would synchronise, this is ``False``: the scaled formulas are used there unconditionally.
     """
     if norms.dtype == torch.float64:
         return True
@@ -61,7 +61,7 @@ def _accurate_on_host(norms: Tensor, count: int, present: Tensor | None) -> bool
     # (in Python on the listed values: right after a large product, a few small tensor
     # operations cost far more than reading T numbers)
     values = norms.tolist()
-    mask = present.tolist() if present is not None else [True] * len(values)
+    mask = present.tolist() if isinstance(present, Tensor) else present or [True] * len(values)
     return all(floor < v < math.inf for v, m in zip(values, mask) if m)
 
 
@@ -124,19 +124,22 @@ class Factored:
 
     def norms(self) -> Tensor:
         """``||dW_t||`` for every task, by the cheaper exact formula, overflow-safe (0 for absent tasks)."""
-        norms = self._raw_norms()
-        if self.present is None or (_arrays.host_reads_free(self.present.device) and all(self.present.tolist())):
+        present = self.present
+        # (where reading is free, the mask is read once, for both uses)
+        listed = present.tolist() if present is not None and _arrays.host_reads_free(present.device) else None
+        norms = self._raw_norms(listed)
+        if present is None or (listed is not None and all(listed)):
             return norms
-        return torch.where(self.present, norms, 0.0)
+        return torch.where(present, norms, 0.0)
 
-    def _raw_norms(self) -> Tensor:
+    def _raw_norms(self, listed: list[bool] | None = None) -> Tensor:
         grads = self.grads
         if not self.weight:
             return safe_norms(grads.sum(dim=1), self.present)
         rows = self.rows
         if grads.dtype == torch.float64 or _arrays.host_reads_free(grads.device):
             plain = self._product_norms(grads, rows, None, None)
-            if _accurate_on_host(plain, rows.shape[1] * grads.shape[2], self.present):
+            if _accurate_on_host(plain, rows.shape[1] * grads.shape[2], listed if listed is not None else self.present):
                 return plain
         # every task's gradients and the rows scaled to at most 1 in magnitude (the rows' scale
         # at most 1 too, for the bias's column of ones): no product or square can overflow
@@ -148,14 +151,14 @@ class Factored:
         """``||(g_scale G_t)^T (h_scale [H, 1])||`` for every task, by the cheaper exact formula."""
         num_tasks, n, d_out = grads.shape
         d_in = rows.shape[1] + int(self.bias)
-        bias = rows.new_ones(()) if h_scale is None else h_scale
         if h_scale is not None:
             rows = rows * h_scale
         # ghost: N^2 (d_in + T d_out) multiply-adds; direct: T N d_in d_out, plus the T d_in d_out
         # products it writes and reads back (weighed as 8 multiply-adds each: memory traffic)
         if n * n * (d_in + num_tasks * d_out) >= num_tasks * d_in * d_out * (n + 8):
-            if self.bias:
-                rows = torch.cat([rows, bias.expand(n, 1)], dim=1)
+            if self.bias:  # the bias's column of ones (scaled like the rows)
+                rows = (torch.nn.functional.pad(rows, (0, 1), value=1.0) if h_scale is None
+                        else torch.cat([rows, h_scale.expand(n, 1)], dim=1))
             # all tasks in one GEMM, (d_in, N) @ (N, T d_out): batch-major storage (N, T, d_out)
             # makes the right operand a free reshape; column t d_out + j of the product is row j
             # of dW_t. The squares are summed down the columns, then over each task's block
@@ -166,12 +169,12 @@ class Factored:
             if g_scale is not None:
                 batch_major = batch_major * g_scale[:, None]
             full = rows.T @ batch_major.reshape(n, num_tasks * d_out)
-            return full.square_().sum(dim=0).view(num_tasks, d_out).sum(dim=1).sqrt_()
+            return full.square_().view(-1, num_tasks, d_out).sum(dim=(0, 2)).sqrt_()
         if g_scale is not None:
             grads = grads * g_scale[:, None, None]
         gram_h = rows @ rows.T
         if self.bias:
-            gram_h = gram_h + bias.square()
+            gram_h = gram_h + (1.0 if h_scale is None else h_scale.square())
         gram_g = torch.bmm(grads, grads.transpose(1, 2))
         return (gram_g * gram_h).sum(dim=(1, 2)).clamp_min(0).sqrt()
 
@@ -305,8 +308,9 @@ class Accumulator:
 
     def __init__(self, num_tasks: int, dtype: torch.dtype, device: torch.device) -> None:
         self.num_tasks, self.dtype, self.device = num_tasks, dtype, device
-        self._loss_sum: Tensor | None = None  # (made by the first backward pass)
-        self._loss_weight: Tensor | None = None
+        # each backward pass's (loss values, presence, scale c): combined when read
+        self._passes: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._sums: tuple[Tensor, Tensor] | None = None
         self._absent: Tensor | None = None
         self._uncut: Tensor | None = None
         self._pieces: dict[object, _Piece] = {}
@@ -316,19 +320,39 @@ class Accumulator:
     def _zeros(self) -> Tensor:
         return torch.zeros(self.num_tasks, dtype=self.dtype, device=self.device)
 
+    def _loss_sums(self) -> tuple[Tensor, Tensor]:
+        if self._sums is None:
+            total, weight = self._zeros(), self._zeros()
+            for values, present, scale in self._passes:
+                pass_weight = present * scale
+                total = total + torch.where(present, as_dtype(values, self.dtype), 0.0) * pass_weight
+                weight = weight + pass_weight
+            self._sums = (total, weight)
+        return self._sums
+
     @property
     def loss_sum(self) -> Tensor:
         """``sum_passes c * L_i`` over the passes task ``i`` was present in."""
-        if self._loss_sum is None:
-            self._loss_sum = self._zeros()
-        return self._loss_sum
+        return self._loss_sums()[0]
 
     @property
     def loss_weight(self) -> Tensor:
         """``sum_passes c`` over the passes task ``i`` was present in."""
-        if self._loss_weight is None:
-            self._loss_weight = self._zeros()
-        return self._loss_weight
+        return self._loss_sums()[1]
+
+    def losses(self) -> tuple[Tensor, Tensor]:
+        """``(losses, present)``: each task's loss averaged over the passes it was present in, weighted
+        by their scales (0 for a task absent from every pass), and whether it was present in any.
+        (One pass: its losses as they are, without the arithmetic.)"""
+        if len(self._passes) == 1:
+            values, present, _ = self._passes[0]
+            return torch.where(present, as_dtype(values, self.dtype), 0.0), present
+        total, weight = self._loss_sums()
+        return total / weight.clamp_min(torch.finfo(weight.dtype).tiny), weight > 0
+
+    def _present(self) -> Tensor:
+        """The tasks present in some pass (one pass: its own mask)."""
+        return self._passes[0][1] if len(self._passes) == 1 else self.loss_weight > 0
 
     @property
     def absent(self) -> Tensor:
@@ -346,13 +370,9 @@ class Accumulator:
         return self._uncut
 
     def add_losses(self, values: Tensor, present: Tensor, scale: Tensor) -> None:
-        """One backward pass's task losses, weighted by its scale ``c`` (present tasks only)."""
-        weight = present * scale
-        weighted = torch.where(present, as_dtype(values, self.dtype), 0.0) * weight
-        if self._loss_sum is None or self._loss_weight is None:
-            self._loss_sum, self._loss_weight = weighted, weight
-        else:
-            self._loss_sum, self._loss_weight = self._loss_sum + weighted, self._loss_weight + weight
+        """One backward pass's task losses and its scale ``c`` (combined when read)."""
+        self._passes.append((values, present, scale))
+        self._sums = None
 
     def add_absent(self, absent: Tensor) -> None:
         """Count one backward pass's absent tasks (``(T,)`` bool)."""
@@ -412,7 +432,7 @@ class Accumulator:
             return self.rep_norms
         if not self._pieces:
             return torch.full((self.num_tasks,), float("nan"), dtype=self.dtype, device=self.device)
-        present = self.loss_weight > 0  # (tasks absent from every pass do not count)
+        present = self._present()  # (tasks absent from every pass do not count)
         parts = [piece.norms(present) for piece in self._pieces.values()]
         if len(parts) == 1:
             return parts[0]

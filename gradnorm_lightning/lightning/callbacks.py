@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -96,10 +97,37 @@ class WeightingCallback(Callback):
         self._seen_nonfinite = 0.0
         self._seen_lost = 0.0
         self._warned: set[str] = set()
+        self._set_up = False  # (see state_key)
+        self._frozen = False  # (set before the balancer exists)
         self._checked_terms = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the task weights are frozen (see :attr:`Balancer.frozen`); settable at any time,
+        also before the fit (then applied when the balancer is built)."""
+        return self.balancer.frozen if self.balancer is not None else self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"`frozen` must be True or False; got {value!r}.")
+        self._frozen = value
+        if self.balancer is not None:
+            self.balancer.frozen = value
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of the callback's state in checkpoints: its class name, Lightning's default (so
+        checkpoints of every version load). Until the callback's first ``setup`` the key is the
+        instance's own (the class name and the instance's id): ``Trainer(callbacks=...)`` refuses two
+        stateful callbacks with one key, and so lets two weighting callbacks through to ``setup``,
+        which refuses them with the fix (one callback balances the weights of one model)."""
+        name = type(self).__qualname__
+        return name if self._set_up else f"{name}@{id(self):x}"
 
     # ------------------------------------------------------------------ checks
     def _check_module(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> GradNormMixin:
@@ -121,12 +149,18 @@ class WeightingCallback(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._set_up = True
         module = self._check_module(trainer, pl_module)
         layer = _check_shared_layer(module.shared_layer(), "`shared_layer()`")
         if self.balancer is None or self.balancer.shared_layer is not layer:
             if self.balancer is not None:
                 self.balancer.remove_hooks()
             self.balancer = self.balancer_cls(layer, task_names=module.declared_task_names, **self.options)
+            self.balancer.frozen = self._frozen
+        # Lightning converts the model to its precision after `setup`: "64-true" makes it float64,
+        # and the balancer follows (before a checkpoint's state is loaded into it)
+        self.balancer.set_dtype(torch.float64 if isinstance(trainer.precision_plugin, DoublePrecision)
+                                else self.balancer.dtype)
         self.balancer.attach_hooks()
         if self._loaded_state is not None:
             self._load(self._loaded_state)
@@ -149,6 +183,7 @@ class WeightingCallback(Callback):
         if self.balancer is not None:
             self.balancer.reset_pending()
             self.balancer.to(pl_module.device)
+            self.balancer.follow_layer_dtype()  # (the model has its precision now)
         self._checked_terms = False
 
     @override
@@ -227,6 +262,12 @@ class WeightingCallback(Callback):
             for name, value in zip(balancer.task_names, stats[stat].unbind()):
                 metrics[f"gradnorm/{key}/{name}"] = value
         metrics["gradnorm/empty_steps"] = balancer.empty_steps
+        metrics["gradnorm/updates"] = balancer.num_updates
+        metrics["gradnorm/frozen"] = balancer.num_updates.new_tensor(float(balancer.frozen))
+        if getattr(balancer, "lr_decay_rate", 1.0) != 1.0:  # (the weight optimizer's decayed learning rate)
+            metrics["gradnorm/lr"] = balancer.current_lr()  # type: ignore[attr-defined]
+        if balancer.uses_initial_losses:
+            metrics["gradnorm/zero_initial_loss_steps"] = balancer.zero_initial_loss_steps.sum()
         if self._nonfinite_steps is not None:
             metrics["gradnorm/nonfinite_grad_steps"] = self._nonfinite_steps
             metrics["gradnorm/lost_grad_steps"] = (
@@ -236,7 +277,7 @@ class WeightingCallback(Callback):
 
     def _warn(self, trainer: pl.Trainer, balancer: Balancer) -> None:
         """Warnings that read counters on the host: on logging steps only, each once."""
-        messages = list(getattr(balancer, "health_warnings", list)())
+        messages = balancer.health_warnings()
         if self._nonfinite_steps is not None:
             count = float(self._nonfinite_steps)
             if count > self._seen_nonfinite:
@@ -313,9 +354,12 @@ class GradNormCallback(WeightingCallback):
     model's device, without host synchronisation) and logs, on the Trainer's logging steps:
     ``gradnorm/weight/<task>``, ``gradnorm/grad_norm/<task>``, ``gradnorm/loss_ratio/<task>``,
     ``gradnorm/inverse_rate/<task>``, ``gradnorm/skipped/<task>``, ``gradnorm/loss``,
-    ``gradnorm/empty_steps``, ``gradnorm/nonfinite_grad_steps`` and ``gradnorm/lost_grad_steps``. Its state (weights,
-    ``L(0)``, weight-optimizer state, counters) is saved in checkpoints. On a logging step it
-    warns once if the weights keep hitting the floor or jumping.
+    ``gradnorm/empty_steps``, ``gradnorm/zero_initial_loss_steps``, ``gradnorm/nonfinite_grad_steps``,
+    ``gradnorm/lost_grad_steps``, ``gradnorm/updates`` (weight updates applied), ``gradnorm/frozen``
+    and, when ``lr_decay_rate != 1``, ``gradnorm/lr`` (the weight optimizer's learning rate). Its state (weights, ``L(0)``, weight-optimizer state,
+    counters) is saved in checkpoints. On a logging step it warns once if the weights keep
+    hitting the floor or jumping, or if a task's first loss was 0. The balancer follows the
+    model's precision: float64 under ``precision="64-true"``, float32 otherwise.
 
     Args:
         alpha: asymmetry: how strongly slower tasks are pushed (``>= 0``; the paper uses
@@ -336,6 +380,11 @@ class GradNormCallback(WeightingCallback):
         min_weight: floor of the weights before renormalisation (``> 0``).
         mode: ``"auto"``, ``"autograd"`` or ``"representation"`` (see :class:`~gradnorm_lightning.GradNorm`).
         distributed: ``"exact"`` or ``"approx"`` (see :class:`~gradnorm_lightning.GradNorm`).
+        update_every: measure and update the weights on optimizer steps 0, k, 2k, ... only; the
+            other steps are plain steps with the current weights.
+        freeze_after: after this many applied weight updates the weights stay fixed and every
+            step is a plain step (``None``: never); :attr:`WeightingCallback.frozen` can also be
+            set by hand.
         log: log the statistics to the Trainer's logger.
         sanitize_grads: see :class:`WeightingCallback`.
 
@@ -343,8 +392,7 @@ class GradNormCallback(WeightingCallback):
         TypeError: for arguments of the wrong type; in ``setup``, for a module without the mixin.
         ValueError: for out-of-range arguments; in ``setup``/``on_fit_start``, for a shared
             layer without trainable parameters, a second weighting callback, more than one
-            optimizer, or accumulation under manual optimization. (A second callback given to
-            ``Trainer(callbacks=...)`` is already refused by Lightning with a ``RuntimeError``.)
+            optimizer, or accumulation under manual optimization.
 
     Example::
 
@@ -370,6 +418,8 @@ class GradNormCallback(WeightingCallback):
         min_weight: float = 1e-4,
         mode: str = "auto",
         distributed: str = "exact",
+        update_every: int = 1,
+        freeze_after: int | None = None,
         log: bool = True,
         sanitize_grads: bool = True,
     ) -> None:
