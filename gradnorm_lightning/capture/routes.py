@@ -166,6 +166,7 @@ class RoutePlanner:
         self.views_checked = False  # the views were checked by a walk (once per fit)
         self.uses_checked = False  # the whole graph was searched for earlier uses of the parameters (once per fit)
         self.used_before = False  # a shared parameter is used before the modules' calls (a tied weight)
+        self.used_below = False  # a shared parameter is used in computing a call's input (a tied weight)
 
     # ------------------------------------------------------------------ the plan
     def plan(
@@ -222,6 +223,7 @@ class RoutePlanner:
         if not self.uses_checked:
             self.uses_checked = True
             self.used_before = self._used_before(losses, outputs, params, extra)
+            self.used_below = self._used_below(calls, outputs, params)
         plan: Plan | None = None
         frontier: Frontier | None = None
         if views is not None:
@@ -350,6 +352,9 @@ class RoutePlanner:
             why = ("a shared parameter is used outside the layer's calls (a tied weight, e.g. `h @ emb.weight.T`), "
                    "which a capture at the outputs cannot see" if plan.frontier is not None
                    else "the graph was not walked, so a tied use of the parameters cannot be ruled out")
+        elif self.used_below:
+            why = ("a shared parameter is also used in computing the layer's input (a tied weight below the call), "
+                   "which a rule reading the call alone cannot see")
         elif not calls:
             why = "no call's output is read directly"
         elif any(n > 1 for n in counts.values()):
@@ -389,6 +394,29 @@ class RoutePlanner:
         except (Unreached, OverBudget):
             return False
         return any(node in leaves for node in frontier.stops) and self._before_calls(frontier, leaves, outputs)
+
+    def _used_below(self, calls: list[LayerCall], outputs: set[Any], params: list[nn.Parameter]) -> bool:
+        """Whether a shared parameter is reached from a call's inputs other than through a call's
+        outputs: used in computing the layer's own input (a tied encoder, ``x + f(x, W)``). Every
+        task's gradient of ``W`` then also flows through that input, which the norm rules (reading
+        the call's own use of its parameters) miss and the vector-Jacobian products to the
+        parameters include. Searched once per fit; a graph below the calls larger than 16 walk
+        budgets is not searched."""
+        leaves = {get_gradient_edge(p).node for p in params}
+        seen: set[Any] = set(outputs)  # (an input computed by another call: the layer reused, a case of its own)
+        stack = [e.node for c in calls for e in c.input_edges]
+        budget = 16 * self.walk_budget
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            if node in leaves:
+                return True
+            seen.add(node)
+            if len(seen) > budget:
+                return False
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        return False
 
     @staticmethod
     def _before_calls(frontier: Frontier, leaves: set[Any], outputs: set[Any]) -> bool:
