@@ -28,7 +28,7 @@ from gradnorm_lightning.capture.heads import (
 )
 from gradnorm_lightning.capture.norms import NormRule, find_norm_rule
 
-__all__ = ["Plan", "RoutePlanner", "describe", "unreached_message"]
+__all__ = ["Plan", "RoutePlanner", "describe", "reentrant_message", "unreached_message"]
 
 _SPARSE_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
@@ -106,6 +106,28 @@ def checkpoint_message(layer: nn.Module | Sequence[nn.Module]) -> str:
         "`use_reentrant=False` (the default in current PyTorch code), or keep the shared layer outside the "
         "checkpointed region."
     )
+
+
+def reentrant_message(layer: nn.Module | Sequence[nn.Module], where: str) -> str:
+    """The error of a reentrant checkpoint that per-task gradients would have to cross."""
+    return (
+        f"Part of the graph above the shared layer ({describe(layer)}) runs under "
+        f"`torch.utils.checkpoint.checkpoint(..., use_reentrant=True)` {where}: its backward can only run as part "
+        "of the model's own backward (it refuses `autograd.grad`), so no task's gradient can be taken through it "
+        "on its own. Use `use_reentrant=False` (the default in current PyTorch code)."
+    )
+
+
+#: the backward node of a reentrant checkpoint (``use_reentrant=True``)
+_REENTRANT_NODE = "CheckpointFunctionBackward"
+
+
+def _reentrant_crossed(frontier: Frontier, every: bool) -> bool:
+    """Whether a reentrant checkpoint lies where per-task gradients cross the graph: in the
+    part several tasks share (``every=False``: the ``heads`` and ``views`` routes), or anywhere
+    between the losses and the layer (``every=True``: a backward from every loss)."""
+    return any((every or mask & (mask - 1)) and node.name() == _REENTRANT_NODE
+               for node, mask in frontier.masks.items())
 
 
 def _elementwise_on(edge: GradientEdge, outputs: set[Any]) -> Any | None:
@@ -265,6 +287,11 @@ class RoutePlanner:
                 self._choose_sink(plan, tied=True)  # (unwalked: a tied use cannot be ruled out)
                 return plan
             plan = self._heads_plan(frontier, params, calls, note)
+        if plan.frontier is not None and _reentrant_crossed(plan.frontier, every=self.used_before):
+            raise ValueError(reentrant_message(self.layer, "where a backward from every loss to the parameters (a "
+                                               "weight tied before the layer's call) must cross it" if self.used_before
+                                               else "where several tasks' gradients meet (e.g. a checkpointed head whose "
+                                               "output another task reads)"))
         if self.used_before:
             plan = Plan("losses", "one batched backward from every loss to the parameters (an extra pass), because "
                         "a shared parameter is also used before the layer's call (a tied weight), which the heads' "
