@@ -57,9 +57,10 @@ Whether the heads read per-task views (``GradNorm.task_views``) is not part of t
 shared parameter-free function of it, only through its own view, maybe with a tied use or
 an interaction the balancer must detect).
 
-Samples: :func:`ci_specs` (one-factor-at-a-time from a base spec, plus a seeded greedy
-sample covering every feasible pair of axis values), :func:`full_specs` (the product of the
-model axes), :func:`representation_specs` (a few, for ``mode="representation"``).
+Samples: :func:`ci_specs` (one-factor-at-a-time from a base spec, plus two seeded greedy
+samples each covering every feasible pair of axis values: 256 specs), :func:`full_specs` (the
+product of layer x between x frozen x read x reuse, the other axes drawn along it: 4334 specs),
+:func:`representation_specs` (a few, for ``mode="representation"``).
 """
 
 from __future__ import annotations
