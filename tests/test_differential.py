@@ -77,7 +77,7 @@ MODEL_LR = 0.05
 MIN_WEIGHT = 1e-4  # GradNorm's default floor
 WEIGHT_ATOL = 1e-10
 NORM_RTOL = 1e-10
-MOVED = 1e-5  # the reference weights must move at least this much (not comparing constants)
+MOVED = 1e-5  # the reference weights must move at least this much at some step (not comparing constants)
 
 FULL = os.environ.get("GRADNORM_DIFF_FULL", "") not in ("", "0")
 SPECS = full_specs() if FULL else ci_specs()
@@ -395,7 +395,7 @@ def test_autograd_matches_independent_reference(spec: Spec) -> None:
     (``last_stats["uncut"]``), step by step. Around reentrant checkpointed heads it must not
     return numbers silently: it matches the reference or names the checkpointing."""
     want = _cached(spec, "reference")
-    assert (want.weights[-1] - 1).abs().max() > MOVED, f"[{spec.id}] the reference weights do not move"
+    assert (want.weights - 1).abs().max() > MOVED, f"[{spec.id}] the reference weights move at no step"
     got = _cached(spec, "autograd")
     problem = mismatch(got, want) or _params_mismatch(got, want)
     assert problem is None, f"[{spec.id}] mode='autograd' ({_route_note(got)}) vs the reference: {problem}"
@@ -515,7 +515,7 @@ def test_representation_matches_output_gradients(spec: Spec) -> None:
     want_norms = (probed / spec.accumulate).pow(2).sum(1).sqrt()
     ref = reference_run(spec, given_norms=want_norms)
     want = Run(ref.weights, want_norms, got.present, [None] * STEPS, [])
-    assert (want.weights[-1] - 1).abs().max() > MOVED, f"[{spec.id}] the reference weights do not move"
+    assert (want.weights - 1).abs().max() > MOVED, f"[{spec.id}] the reference weights move at no step"
     problem = mismatch(got, want)
     assert problem is None, f"[{spec.id}] mode='representation' ({_route_note(got)}) vs output gradients: {problem}"
 

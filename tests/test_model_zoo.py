@@ -368,7 +368,7 @@ def test_reference_runs_are_meaningful(spec: Spec) -> None:
     norms = run.norms.where(run.present, 1.0)
     assert torch.isfinite(run.weights).all() and torch.isfinite(norms).all()
     assert (norms > 1e-8).all(), norms
-    assert (run.weights[-1] - 1).abs().max() > MOVED
+    assert (run.weights - 1).abs().max() > MOVED  # (at some step: they may come back by the last)
     torch.testing.assert_close(run.weights.sum(1), torch.full((STEPS,), float(spec.num_tasks), dtype=F64))
 
 
