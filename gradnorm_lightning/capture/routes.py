@@ -287,12 +287,14 @@ class RoutePlanner:
                 self._choose_sink(plan, tied=True)  # (unwalked: a tied use cannot be ruled out)
                 return plan
             plan = self._heads_plan(frontier, params, calls, note)
-        if plan.frontier is not None and _reentrant_crossed(plan.frontier, every=self.used_before):
+        # (mode='representation' takes the outputs' gradients only: a weight tied before the call is no matter)
+        tied_before = self.used_before and self.mode != "representation"
+        if plan.frontier is not None and _reentrant_crossed(plan.frontier, every=tied_before):
             raise ValueError(reentrant_message(self.layer, "where a backward from every loss to the parameters (a "
-                                               "weight tied before the layer's call) must cross it" if self.used_before
+                                               "weight tied before the layer's call) must cross it" if tied_before
                                                else "where several tasks' gradients meet (e.g. a checkpointed head whose "
                                                "output another task reads)"))
-        if self.used_before:
+        if tied_before:
             plan = Plan("losses", "one batched backward from every loss to the parameters (an extra pass), because "
                         "a shared parameter is also used before the layer's call (a tied weight), which the heads' "
                         "backward nodes cannot separate" + note, params, frontier=plan.frontier, sparse=sparse)
