@@ -839,7 +839,7 @@ def full_specs() -> tuple[Spec, ...]:
 def representation_specs() -> tuple[Spec, ...]:
     """A few single-call specs for ``mode="representation"``: every layer plain and behind an
     in-place ReLU, the multi-output layers with ``parts``, and some other between-ops, a
-    masked mean and checkpointed heads."""
+    masked mean, checkpointed heads and a weight tied before the call."""
     out = []
     for layer in LAYERS:
         out.append(Spec(layer))
@@ -849,4 +849,5 @@ def representation_specs() -> tuple[Spec, ...]:
     out += [Spec("linear", between=b) for b in ("tanh", "softmax")]
     out += [Spec("conv1d", read="slice", absent="missing"), Spec("linear", read="hierarchical")]
     out += [Spec("conv1d", read="slice", absent="masked"), Spec("embedding", absent="masked", checkpoint="heads")]
+    out += [Spec("linear", tie="before"), Spec("experts_list", tie="before", absent="masked", checkpoint="heads_reentrant")]
     return _dedup(out)
