@@ -27,7 +27,9 @@ def zero_nonfinite_grads_(parameters: Tensor | Iterable[Tensor]) -> Tensor:
     and returns a tensor, so it reads nothing on the host.
 
     Args:
-        parameters: a tensor or an iterable of tensors whose ``.grad`` to clean.
+        parameters: a tensor or an iterable of tensors whose ``.grad`` to clean. A sparse
+            gradient (``nn.Embedding(sparse=True)``) is coalesced first (its repeated rows
+            summed, as the optimizer would), then cleaned in its values.
 
     Returns:
         A 0-dim bool tensor on the gradients' device: ``True`` when some entry was NaN or
@@ -46,7 +48,10 @@ def zero_nonfinite_grads_(parameters: Tensor | Iterable[Tensor]) -> Tensor:
         tensor(False)
     """
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    grads = [p.grad for p in params if p.grad is not None]
+    for p in params:  # a sparse gradient (``nn.Embedding(sparse=True)``): its rows summed, then its values
+        if p.grad is not None and p.grad.is_sparse and not p.grad.is_coalesced():
+            p.grad = p.grad.coalesce()
+    grads = [(p.grad.values() if p.grad.is_sparse else p.grad) for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.bool)
     found = any_nonfinite(grads)

@@ -175,6 +175,37 @@ def test_layer_reuse_takes_the_generic_rule_and_is_exact() -> None:
     check(gn, ref, "heads")
 
 
+@pytest.mark.parametrize("views", [False, True], ids=["heads", "views"])
+@pytest.mark.parametrize("make", [lambda: nn.Linear(5, 5), lambda: nn.Conv1d(5, 5, 1)], ids=["Linear", "Conv1d"])
+def test_a_weight_tied_below_the_call_takes_the_generic_rule_and_is_exact(make, views: bool, caplog) -> None:
+    """The layer's input is computed with its own weight (a tied encoder, ``h + tanh(f(h, W))``):
+    every task's gradient of ``W`` also flows through that input, which a rule reading the call
+    alone (ghost norm, convolution backward) misses. Found by tests/test_differential.py (``tie_input``)."""
+    torch.manual_seed(0)
+    shared = make().double()
+    heads = [nn.Linear(5 * 3, 1).double() for _ in range(3)]
+    x = torch.randn(6, 3, 5, dtype=F64)  # 6 samples, 3 positions, 5 features (channels first for the Conv1d)
+
+    def apply(h: Tensor, w: Tensor) -> Tensor:
+        if isinstance(shared, nn.Conv1d):
+            return nn.functional.conv1d(h.transpose(1, 2), w).transpose(1, 2)
+        return nn.functional.linear(h, w)
+
+    def call(h: Tensor) -> Tensor:
+        return shared(h.transpose(1, 2)).transpose(1, 2) if isinstance(shared, nn.Conv1d) else shared(h)
+
+    def forward(views_fn):
+        h = torch.tanh(x)
+        z = torch.tanh(call(h + torch.tanh(apply(h, shared.weight))))
+        zs = views_fn(z) if views_fn is not None else [z] * 3
+        return [hd(v.flatten(1)).pow(2).mean() * (i + 1) for i, (hd, v) in enumerate(zip(heads, zs))]
+
+    with caplog.at_level(logging.INFO, logger="gradnorm_lightning"):
+        gn, ref = one_step(shared, forward, views=views)
+    check(gn, ref, "views" if views else "heads")
+    assert "tied weight below the call" in caplog.text and "generic rule" in caplog.text
+
+
 def test_losses_unbound_from_one_tensor_enter_at_their_loss() -> None:
     """No private head node at all: every task's gradient enters the shared part at its loss."""
     torch.manual_seed(0)

@@ -401,3 +401,22 @@ def test_training_step_not_using_combine_task_losses():
     with pytest.raises(ValueError, match="combine_task_losses"):
         _fit(model, steps=3)
     assert model.steps_run == 1
+
+
+@pytest.mark.parametrize("views", [False, True], ids=["heads", "views"])
+def test_reentrant_checkpoint_where_tasks_meet_is_refused_in_combine(views: bool) -> None:
+    """Head 1 reads head 0's output, and head 0 runs under ``checkpoint(..., use_reentrant=True)``:
+    that node is in the part of the graph both tasks share, and its backward refuses
+    ``autograd.grad``, so no per-task gradient can cross it. Refused by ``combine``, naming the fix,
+    not by torch in the middle of the model's backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    shared, h0, h1 = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+    gn = GradNorm(shared, num_tasks=2)
+    z = torch.tanh(shared(torch.randn(5, 3)))
+    v0, v1 = gn.task_views(z) if views else (z, z)
+    y0 = checkpoint(h0, v0, use_reentrant=True)
+    y1 = h1(v1) + y0
+    with pytest.raises(ValueError, match=r"use_reentrant=True.*several tasks' gradients meet.*use_reentrant=False"):
+        gn.combine([y0.pow(2).mean(), y1.pow(2).mean()])

@@ -278,3 +278,26 @@ def test_nan_leak_in_one_micro_batch_is_sanitized_under_accumulation():
     assert model.calls == 4
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert torch.isfinite(cb.balancer.weights).all()
+
+
+def test_zero_nonfinite_grads_cleans_a_sparse_embedding_gradient():
+    """``nn.Embedding(sparse=True)``: the gradient is a sparse tensor with repeated rows; it is
+    coalesced (rows summed, as the optimizer would) and its non-finite values zeroed, the rest kept."""
+    from torch import nn
+
+    from gradnorm_lightning import zero_nonfinite_grads_
+
+    emb = nn.Embedding(5, 2, sparse=True)
+    dense = nn.Linear(2, 1)
+    idx = torch.tensor([1, 1, 2, 4])
+    out = dense(emb(idx)).squeeze(1)
+    (out * torch.tensor([1.0, 1.0, float("nan"), 1.0])).sum().backward()
+    assert emb.weight.grad is not None and emb.weight.grad.is_sparse
+    want = emb.weight.grad.to_dense()
+    assert bool(want[2].isnan().all())  # the NaN reached row 2 only
+    assert bool(zero_nonfinite_grads_([emb.weight, dense.weight]))
+    got = emb.weight.grad
+    assert got.is_sparse
+    torch.testing.assert_close(got.to_dense(), want.nan_to_num(nan=0.0))
+    assert not bool(zero_nonfinite_grads_(emb.parameters()))  # clean now: reported clean, unchanged
+    torch.testing.assert_close(emb.weight.grad.to_dense(), want.nan_to_num(nan=0.0))

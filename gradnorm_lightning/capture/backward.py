@@ -25,8 +25,10 @@ so its head's own parameters get zero gradients and nothing of it reaches what o
 share, in this pass or in the accumulated gradients of earlier ones. Where the host reads values
 for free (the CPU) only the tasks known to be absent are cut, by returning zeros; on a device
 every task's edges go through ``torch.where(present_i, g, 0)``, decided there without a host
-synchronisation. A route without a walk (``autograd``, ``losses``) or a task whose loss node is
-shared cannot be cut: such tasks are reported (:attr:`Accumulator.uncut`).
+synchronisation. A private node whose backward writes parameters' gradients itself (a head under
+``checkpoint(..., use_reentrant=True)``, whose backward runs a nested one through the recomputed
+head) is also handed zeros before it runs. A route without a walk (``autograd``, ``losses``) or a
+task whose loss node is shared cannot be cut: such tasks are reported (:attr:`Accumulator.uncut`).
 
 Every gradient handled here is ``c w_i dL_i/d.`` (the model's own backward carries ``w_i``);
 the recorder divides the norms by ``w_i`` and the GradScaler's scale at the end.
@@ -49,6 +51,11 @@ from gradnorm_lightning.capture.routes import Plan, unreached_message
 from gradnorm_lightning.capture.stats import Accumulator, Factored, RowSparse, safe_norms
 
 __all__ = ["StepCapture"]
+
+#: Backward nodes that write into parameters' gradients themselves, beyond their outputs: a
+#: reentrant checkpoint (``use_reentrant=True``) recomputes its region and runs a nested backward
+#: through it. A cut task's gradient is zeroed before such a node runs, not only after.
+_OPAQUE_NODES = frozenset({"CheckpointFunctionBackward"})
 
 
 class _TaskGrads:
@@ -207,6 +214,9 @@ class StepCapture:
                 edges.setdefault(node, []).extend((k, how) for k in ks)
         for node in set(taps) | set(edges):
             self._handles.append(node.register_hook(self._tap(node, taps.get(node, []), edges.get(node, []))))
+        for node, cut in edges.items():  # (an opaque node: silenced before it runs, see _silence)
+            if node.name() in _OPAQUE_NODES:
+                self._handles.append(node.register_prehook(self._silence(cut[0][1])))
         # the extra-pass routes finish their statistics when the backward starts: their cut
         # hooks stay until the recorder collects the step
         self._keep_cuts = bool(edges) and self.plan.route in ("losses", "none")
@@ -304,6 +314,21 @@ class StepCapture:
             return tuple(out)
 
         return hook
+
+    @staticmethod
+    def _silence(present: Tensor | None) -> Callable[[Any], Any]:
+        """A pre-hook giving an opaque private node of a cut task zeros instead of its incoming
+        gradients (``where(present, g, 0)`` on a device). Such a node's backward writes into
+        parameters' gradients itself (a reentrant checkpoint runs a nested backward through the
+        recomputed head), where zeroing its outputs afterwards comes too late."""
+
+        def prehook(grad_outputs: Any) -> Any:
+            return tuple(
+                g if g is None else (torch.zeros_like(g) if present is None else torch.where(present, g, 0.0))
+                for g in grad_outputs
+            )
+
+        return prehook
 
     def _enter(self, node: Any) -> Callable[[Any], None]:
         def prehook(grad_outputs: Any) -> None:

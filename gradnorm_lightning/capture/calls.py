@@ -12,7 +12,8 @@ during the backward is not a new call):
   tensor onto a new node;
 * the module's parameters that require grad in this call: the norms run over exactly these;
 * where the call began in autograd's creation order, so that the graph walk also sees a use of
-  the parameters inside the call that bypasses its outputs, and whether the call's saved
+  the parameters inside the call that bypasses its outputs, the gradient edges of its inputs
+  (a use of the parameters below the call, in computing its input), and whether the call's saved
   tensors are managed by saved-tensor hooks (activation checkpointing), under which no node
   of the region may be run by hand.
 """
@@ -82,6 +83,8 @@ class LayerCall:
         module: the index of the shared module that was called (0 for a single shared layer).
         start: autograd's sequence number when the call began (``None``: unknown).
         saved_hooks: whether saved-tensor hooks (activation checkpointing) were active.
+        input_edges: the gradient edges of the tensor inputs that require grad (the graph below
+            the call: a shared parameter used there, a tied weight, escapes the norm rules).
     """
 
     inputs: tuple[Tensor, ...]
@@ -93,6 +96,7 @@ class LayerCall:
     module: int = 0
     start: int | None = None
     saved_hooks: bool = False
+    input_edges: tuple[GradientEdge, ...] = ()
 
     def inputs_unchanged(self) -> bool:
         """Whether no input was written in place since the call (the rules read them)."""
@@ -166,6 +170,7 @@ def make_call(module: nn.Module, inputs: tuple[Any, ...], output: Any, index: in
         module=index,
         start=start,
         saved_hooks=saved_tensor_hooks_active(),
+        input_edges=tuple(get_gradient_edge(t) for t in inputs if isinstance(t, Tensor) and t.requires_grad),
     )
 
 

@@ -28,7 +28,7 @@ from gradnorm_lightning.capture.heads import (
 )
 from gradnorm_lightning.capture.norms import NormRule, find_norm_rule
 
-__all__ = ["Plan", "RoutePlanner", "describe", "unreached_message"]
+__all__ = ["Plan", "RoutePlanner", "describe", "reentrant_message", "unreached_message"]
 
 _SPARSE_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
@@ -108,6 +108,28 @@ def checkpoint_message(layer: nn.Module | Sequence[nn.Module]) -> str:
     )
 
 
+def reentrant_message(layer: nn.Module | Sequence[nn.Module], where: str) -> str:
+    """The error of a reentrant checkpoint that per-task gradients would have to cross."""
+    return (
+        f"Part of the graph above the shared layer ({describe(layer)}) runs under "
+        f"`torch.utils.checkpoint.checkpoint(..., use_reentrant=True)` {where}: its backward can only run as part "
+        "of the model's own backward (it refuses `autograd.grad`), so no task's gradient can be taken through it "
+        "on its own. Use `use_reentrant=False` (the default in current PyTorch code)."
+    )
+
+
+#: the backward node of a reentrant checkpoint (``use_reentrant=True``)
+_REENTRANT_NODE = "CheckpointFunctionBackward"
+
+
+def _reentrant_crossed(frontier: Frontier, every: bool) -> bool:
+    """Whether a reentrant checkpoint lies where per-task gradients cross the graph: in the
+    part several tasks share (``every=False``: the ``heads`` and ``views`` routes), or anywhere
+    between the losses and the layer (``every=True``: a backward from every loss)."""
+    return any((every or mask & (mask - 1)) and node.name() == _REENTRANT_NODE
+               for node, mask in frontier.masks.items())
+
+
 def _elementwise_on(edge: GradientEdge, outputs: set[Any]) -> Any | None:
     """``edge``'s node when it is an elementwise function of one of the modules' outputs."""
     node = edge.node
@@ -166,6 +188,7 @@ class RoutePlanner:
         self.views_checked = False  # the views were checked by a walk (once per fit)
         self.uses_checked = False  # the whole graph was searched for earlier uses of the parameters (once per fit)
         self.used_before = False  # a shared parameter is used before the modules' calls (a tied weight)
+        self.used_below = False  # a shared parameter is used in computing a call's input (a tied weight)
 
     # ------------------------------------------------------------------ the plan
     def plan(
@@ -222,6 +245,7 @@ class RoutePlanner:
         if not self.uses_checked:
             self.uses_checked = True
             self.used_before = self._used_before(losses, outputs, params, extra)
+            self.used_below = self._used_below(calls, outputs, params)
         plan: Plan | None = None
         frontier: Frontier | None = None
         if views is not None:
@@ -263,7 +287,14 @@ class RoutePlanner:
                 self._choose_sink(plan, tied=True)  # (unwalked: a tied use cannot be ruled out)
                 return plan
             plan = self._heads_plan(frontier, params, calls, note)
-        if self.used_before:
+        # (mode='representation' takes the outputs' gradients only: a weight tied before the call is no matter)
+        tied_before = self.used_before and self.mode != "representation"
+        if plan.frontier is not None and _reentrant_crossed(plan.frontier, every=tied_before):
+            raise ValueError(reentrant_message(self.layer, "where a backward from every loss to the parameters (a "
+                                               "weight tied before the layer's call) must cross it" if tied_before
+                                               else "where several tasks' gradients meet (e.g. a checkpointed head whose "
+                                               "output another task reads)"))
+        if tied_before:
             plan = Plan("losses", "one batched backward from every loss to the parameters (an extra pass), because "
                         "a shared parameter is also used before the layer's call (a tied weight), which the heads' "
                         "backward nodes cannot separate" + note, params, frontier=plan.frontier, sparse=sparse)
@@ -350,6 +381,9 @@ class RoutePlanner:
             why = ("a shared parameter is used outside the layer's calls (a tied weight, e.g. `h @ emb.weight.T`), "
                    "which a capture at the outputs cannot see" if plan.frontier is not None
                    else "the graph was not walked, so a tied use of the parameters cannot be ruled out")
+        elif self.used_below:
+            why = ("a shared parameter is also used in computing the layer's input (a tied weight below the call), "
+                   "which a rule reading the call alone cannot see")
         elif not calls:
             why = "no call's output is read directly"
         elif any(n > 1 for n in counts.values()):
@@ -389,6 +423,29 @@ class RoutePlanner:
         except (Unreached, OverBudget):
             return False
         return any(node in leaves for node in frontier.stops) and self._before_calls(frontier, leaves, outputs)
+
+    def _used_below(self, calls: list[LayerCall], outputs: set[Any], params: list[nn.Parameter]) -> bool:
+        """Whether a shared parameter is reached from a call's inputs other than through a call's
+        outputs: used in computing the layer's own input (a tied encoder, ``x + f(x, W)``). Every
+        task's gradient of ``W`` then also flows through that input, which the norm rules (reading
+        the call's own use of its parameters) miss and the vector-Jacobian products to the
+        parameters include. Searched once per fit; a graph below the calls larger than 16 walk
+        budgets is not searched."""
+        leaves = {get_gradient_edge(p).node for p in params}
+        seen: set[Any] = set(outputs)  # (an input computed by another call: the layer reused, a case of its own)
+        stack = [e.node for c in calls for e in c.input_edges]
+        budget = 16 * self.walk_budget
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            if node in leaves:
+                return True
+            seen.add(node)
+            if len(seen) > budget:
+                return False
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        return False
 
     @staticmethod
     def _before_calls(frontier: Frontier, leaves: set[Any], outputs: set[Any]) -> bool:
