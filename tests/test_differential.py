@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from gradnorm_lightning import GradNorm, zero_nonfinite_grads_
+from tests.helpers.floor import floored
 from tests.model_zoo import (
     BLOCK_REENTRANT,
     STEPS,
@@ -163,7 +164,7 @@ def reference_update(
     stepped = (w[idx] - LR * grad).clamp_min(MIN_WEIGHT)
     budget = w.numel() - w[~present].sum()
     new = w.clone()
-    new[idx] = stepped * budget / stepped.sum()
+    new[idx] = floored(stepped, budget, MIN_WEIGHT)
     return new
 
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from tests.helpers.floor import floored
+
 
 class TextbookGradNorm:
     """The reference implementation (create_graph double backward, torch.optim on ``w``)."""
@@ -78,9 +80,9 @@ class TextbookGradNorm:
             self.sched.step()
         with torch.no_grad():
             mask = torch.tensor(present)
-            w = self.w.clamp_min(self.min_weight)
             budget = self.num_tasks - before[~mask].sum()
-            w = torch.where(mask, w * budget / w[mask].sum(), before)
+            w = before.clone()
+            w[mask] = floored(self.w.detach()[mask], budget, self.min_weight)
             self.w.copy_(w)
         return G.detach()
 

@@ -14,6 +14,8 @@ from torch.utils.data import Dataset
 
 from gradnorm_lightning import GradNorm
 
+from .floor import floored
+
 TASKS = ("a", "b", "c")
 D_IN = 5
 HIDDEN = 8
@@ -117,8 +119,7 @@ def textbook_weights(
         opt.zero_grad()
         (w * losses).sum().backward()
         opt.step()
-        new = (w - lr * wgrad).clamp_min(min_weight)
-        w = new * len(TASKS) / new.sum()
+        w = floored(w - lr * wgrad, len(TASKS), min_weight)
         out.append(w.detach().clone())
     return torch.stack(out)
 

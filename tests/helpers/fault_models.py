@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gradnorm_lightning import GradNormMixin
 
+from .floor import floored
+
 TASKS = ("a", "b", "c")
 DTYPE = torch.float64
 BATCH = 16
@@ -268,12 +270,10 @@ def textbook_run(
         model_loss = sum(w_now[i] * raw[TASKS[i]] for i in idx)
         model_loss.backward()  # type: ignore[union-attr]
         opt.step()
-        stepped = (w.detach() - lr * w_grad).clamp_min(min_weight)
+        stepped = w.detach() - lr * w_grad
         new = w_now.clone()
         absent_sum = sum(float(w_now[i]) for i in range(num) if not pres[i])
-        present_sum = sum(stepped[i] for i in idx)
-        for i in idx:
-            new[i] = stepped[i] * (num - absent_sum) / present_sum
+        new[idx] = floored(stepped[idx], num - absent_sum, min_weight)
         w_now = new
         history.append(w_now.clone())
     return history, net
