@@ -67,6 +67,9 @@ class Balancer(TaskState):
         track_grad_norms: measure the per-task gradient norms (strategies that do not need
             them may turn this off; then ``grad_norms`` are NaN).
         recorder: a recorder to use instead of building one from ``mode``/``distributed``.
+        task_cosines: also compute the cosines between the tasks' gradients over the shared
+            layer's trainable parameters (``last_stats["cosines"]``, ``(T, T)``; see
+            :class:`~gradnorm_lightning.capture.Statistics`).
 
     Raises:
         TypeError: for arguments of the wrong type.
@@ -89,6 +92,7 @@ class Balancer(TaskState):
         "mode": _choice("mode", MODES),
         "distributed": _choice("distributed", DISTRIBUTED_MODES),
         "track_grad_norms": _flag,
+        "task_cosines": _flag,
     }
 
     @classmethod
@@ -126,12 +130,14 @@ class Balancer(TaskState):
         distributed: str = "exact",
         track_grad_norms: bool = True,
         recorder: Recorder | None = None,
+        task_cosines: bool = False,
     ) -> None:
         self.shared_layer = _check_shared_layer(shared_layer)
         base = self.check_options(
             initial_losses=initial_losses, initial_loss_steps=initial_loss_steps, mode=mode,
-            distributed=distributed, track_grad_norms=track_grad_norms,
+            distributed=distributed, track_grad_norms=track_grad_norms, task_cosines=task_cosines,
         )
+        self.task_cosines: bool = base["task_cosines"]
         self.initial_losses = base["initial_losses"]
         self.initial_loss_steps: int = base["initial_loss_steps"]
         self.mode: str = base["mode"]
@@ -142,7 +148,8 @@ class Balancer(TaskState):
         self.device = params[0].device
         self.recorder = recorder if recorder is not None else Recorder(
             shared_layer, mode=self.mode, distributed=self.distributed,
-            measure_norms=self.needs_norms or self.track_grad_norms,
+            measure_norms=self.needs_norms or self.track_grad_norms or self.task_cosines,
+            task_cosines=self.task_cosines,
         )
         names: tuple[str, ...] | None = None
         if task_names is not None:
@@ -414,6 +421,8 @@ class Balancer(TaskState):
             "applied": applied,
             "route": stats.route,
         }
+        if stats.cosines is not None:  # (task_cosines=True)
+            self.last_stats["cosines"] = stats.cosines
         if stats.uncut is not None:  # tasks absent with a graph that the route could not cut off
             self.last_stats["uncut"] = stats.uncut
         if "loss" in logged:

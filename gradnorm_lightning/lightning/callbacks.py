@@ -208,6 +208,12 @@ class WeightingCallback(Callback):
         for key, stat in _TASK_KEYS:
             for name, value in zip(balancer.task_names, stats[stat].unbind()):
                 metrics[f"gradnorm/{key}/{name}"] = value
+        cosines = stats.get("cosines")
+        if cosines is not None:  # (task_cosines=True) each pair once, a before b in task order
+            names = balancer.task_names
+            for a in range(len(names)):
+                for b in range(a + 1, len(names)):
+                    metrics[f"gradnorm/cosine/{names[a]}/{names[b]}"] = cosines[a, b]
         metrics["gradnorm/empty_steps"] = balancer.empty_steps
         if self._nonfinite_steps is not None:
             metrics["gradnorm/nonfinite_grad_steps"] = self._nonfinite_steps
@@ -295,7 +301,9 @@ class GradNormCallback(WeightingCallback):
     model's device, without host synchronisation) and logs, on the Trainer's logging steps:
     ``gradnorm/weight/<task>``, ``gradnorm/grad_norm/<task>``, ``gradnorm/loss_ratio/<task>``,
     ``gradnorm/inverse_rate/<task>``, ``gradnorm/skipped/<task>``, ``gradnorm/loss``,
-    ``gradnorm/empty_steps``, ``gradnorm/nonfinite_grad_steps`` and ``gradnorm/lost_grad_steps``. Its state (weights,
+    ``gradnorm/empty_steps``, ``gradnorm/nonfinite_grad_steps`` and ``gradnorm/lost_grad_steps``; with
+    ``task_cosines=True`` also ``gradnorm/cosine/<a>/<b>`` for each pair of tasks (``a`` before ``b``
+    in task order; NaN on a step where either task is absent). Its state (weights,
     ``L(0)``, weight-optimizer state, counters) is saved in checkpoints. On a logging step it
     warns once if the weights keep hitting the floor or jumping.
 
@@ -318,6 +326,8 @@ class GradNormCallback(WeightingCallback):
         min_weight: floor of the weights before renormalisation (``> 0``).
         mode: ``"auto"``, ``"autograd"`` or ``"representation"`` (see :class:`~gradnorm_lightning.GradNorm`).
         distributed: ``"exact"`` or ``"approx"`` (see :class:`~gradnorm_lightning.GradNorm`).
+        task_cosines: compute and log the cosines between the tasks' gradients over the shared
+            layer's parameters (see :class:`~gradnorm_lightning.GradNorm`).
         log: log the statistics to the Trainer's logger.
         sanitize_grads: see :class:`WeightingCallback`.
 
@@ -352,6 +362,7 @@ class GradNormCallback(WeightingCallback):
         min_weight: float = 1e-4,
         mode: str = "auto",
         distributed: str = "exact",
+        task_cosines: bool = False,
         log: bool = True,
         sanitize_grads: bool = True,
     ) -> None:

@@ -1,0 +1,144 @@
+"""Issue 24, item 6: the exact DDP reduction, piece by piece, against an independent float64 reference.
+
+Two gloo processes each fill an ``Accumulator`` with seeded per-task gradients in the forms the
+capture records (a Linear's factored inputs and output gradients, dense blocks, an embedding's
+touched rows), including absent tasks (NaN rows masked lazily), several backward passes (an
+accumulation window), shapes that differ between the ranks, and ranks whose pieces cover
+different parameters. ``reduce_statistics(..., "exact")`` must give, on both ranks and to the
+last bit the same, the norms and cosines of the ranks' *average* gradient, which
+:func:`helpers.dist_reduce.reference` materialises from the same seeds in float64 with
+``einsum``/``index_add`` (float64: 1e-12; float32: 1e-5). Every case runs with the exchange
+chosen by bytes, forced to the dense reduce-scatter, forced to the all-gathers, and with the
+dense block sent by ``reduce_scatter_tensor`` (what non-gloo backends use) instead of gloo's
+all-to-all; the collectives each one called are checked too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers.dist_reduce import Case, Part, reference, worker
+
+pytestmark = pytest.mark.slow
+
+WORLD = 2
+ALL = (True, True, True)
+NO_C = (True, True, False)
+NO_A = (False, True, True)
+
+
+def _both(*passes: tuple[Part, ...]) -> tuple[tuple[tuple[Part, ...], ...], ...]:
+    return (tuple(passes), tuple(passes))
+
+
+CASES = [
+    Case("factored", _both((Part("linear", 0, n=4),)), expect=(True, False)),
+    Case("factored-uneven", (((Part("linear", 0, n=3),),), ((Part("linear", 0, n=6),),)), expect=(True, False)),
+    Case("factored-large-n", _both((Part("linear", 0, n=40),)), expect=(False, True)),
+    Case("factored-bias-only", _both((Part("linear_bias", 0, n=4),)), expect=(False, True)),
+    Case("dense", _both((Part("dense", 1),)), expect=(False, True)),
+    Case("rows", _both((Part("rows", 2, n=6),)), expect=(True, False)),
+    Case("rows-uneven", (((Part("rows", 2, n=2),),), ((Part("rows", 2, n=9),),)), expect=(True, False)),
+    Case("rows-large-n", _both((Part("rows", 2, n=40),)), expect=(False, True)),
+    Case("mixed", _both((Part("linear", 0, n=4), Part("dense", 1), Part("rows", 2, n=6), Part("linear", 3, n=40))),
+         expect=(True, True)),
+    Case("absent-on-one-rank", (((Part("linear", 0, n=4, present=NO_C), Part("rows", 2, n=5, present=NO_C)),),
+                                ((Part("linear", 0, n=4), Part("rows", 2, n=5, present=NO_A)),)), expect=(True, False)),
+    Case("absent-everywhere", _both((Part("linear", 0, n=4, present=NO_C), Part("dense", 1, present=NO_C))),
+         expect=(True, True)),
+    Case("accumulation", _both((Part("linear", 0, n=3, present=NO_C), Part("dense", 1)),
+                               (Part("linear", 0, n=2), Part("dense", 1, present=NO_A))), expect=(True, True)),
+    Case("accumulation-two-forms", _both((Part("linear", 0, n=3),), (Part("linear_dense", 0),)), expect=(False, True)),
+    Case("form-differs-between-ranks", (((Part("linear", 0, n=4),),), ((Part("linear_dense", 0),),)),
+         expect=(False, True)),
+    Case("pieces-differ-between-ranks", (((Part("linear", 0, n=4), Part("dense", 1)),),
+                                         ((Part("dense", (0, 1), key="params"),),)), expect=(False, True)),
+    Case("module-missing-on-a-rank", (((Part("linear", 0, n=4), Part("dense", 1)),), ((Part("linear", 0, n=4),),)),
+         expect=(False, True)),
+    Case("rank-without-statistics", (((Part("linear", 0, n=4), Part("rows", 2, n=3)),), ((),)), expect=(False, True)),
+    Case("huge", _both((Part("linear", 0, n=4), Part("dense", 1), Part("rows", 2, n=6))), scale=1e30),
+    Case("tiny", _both((Part("linear", 0, n=4), Part("dense", 1), Part("rows", 2, n=6))), scale=1e-30),
+]
+# (force, dense collective, cosines, dtype)
+SETTINGS: list[tuple[str | None, str | None, bool, str]] = [
+    (None, None, True, "float64"),
+    (None, None, False, "float64"),
+    (None, None, True, "float32"),
+    (None, None, False, "float32"),
+    ("dense", None, True, "float64"),
+    ("gather", None, True, "float64"),
+    ("gather", None, False, "float32"),
+    (None, "reduce_scatter", True, "float64"),
+    ("dense", "reduce_scatter", False, "float64"),
+]
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory: pytest.TempPathFactory) -> list[dict[Any, Any]]:
+    out = tmp_path_factory.mktemp("reduce")
+    init = f"file://{out / 'rendezvous'}"
+    mp.spawn(worker, args=(WORLD, init, str(out), CASES, SETTINGS), nprocs=WORLD, join=True)
+    return [torch.load(out / f"reduce_rank{r}.pt") for r in range(WORLD)]
+
+
+def _setting_id(setting: tuple[str | None, str | None, bool, str]) -> str:
+    force, collective, cosines, dtype = setting
+    return f"{force or 'bytes'}-{collective or 'default'}-{'cos' if cosines else 'norms'}-{dtype}"
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=_setting_id)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_exact_reduction_equals_the_average_gradient(reduced: list[dict[Any, Any]], case: Case,
+                                                     setting: tuple[str | None, str | None, bool, str]) -> None:
+    force, collective, cosines, dtype = setting
+    r0, r1 = (r[(case.name, *setting)] for r in reduced)
+    # bitwise the same on both ranks (NaN where a cosine is undefined)
+    torch.testing.assert_close(r0["norms"], r1["norms"], rtol=0, atol=0, equal_nan=True)
+    if cosines:
+        torch.testing.assert_close(r0["cosines"], r1["cosines"], rtol=0, atol=0, equal_nan=True)
+    else:
+        assert r0["cosines"] is None
+    want_norms, want_cos = reference(case, WORLD)
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    got = r0["norms"].double()
+    assert got.dtype == torch.float64 and r0["norms"].dtype == getattr(torch, dtype)
+    present = want_norms > 0
+    torch.testing.assert_close(got[present], want_norms[present], rtol=tol, atol=0)
+    assert (got[~present] == 0).all()
+    if cosines:
+        cos = r0["cosines"].double()
+        both = present[:, None] & present[None, :]
+        torch.testing.assert_close(cos[both], want_cos[both], rtol=0, atol=tol)
+        assert cos[~both].isnan().all()  # an absent task's cosines are undefined
+        assert not want_cos[both].isnan().any()
+    names = [name for name, _ in r0["calls"]]
+    assert names[0] == "all_gather" and names[-1] == "all_reduce"  # descriptions ... shares + losses
+    gathered = names.count("all_gather") > 1
+    dense = "all_to_all_single" in names or "reduce_scatter" in names
+    if collective == "reduce_scatter":
+        assert "all_to_all_single" not in names
+    elif dense:
+        assert "reduce_scatter" not in names  # gloo: the all-to-all, with the reduce-scatter's bytes
+    if force == "dense":
+        assert not gathered
+    if force is None and case.expect is not None:
+        assert (gathered, dense) == case.expect, names
+
+
+def test_the_cases_have_power() -> None:
+    """The reference's cosines are far from 1 and differ between the cases' average gradient and
+    one rank's own: a reduction that kept a rank's local statistics would fail."""
+    case = CASES[0]
+    _, cos = reference(case, WORLD)
+    alone = Case(case.name, (case.passes[0], ((),)))
+    _, cos_alone = reference(alone, WORLD)
+    off = ~torch.eye(3, dtype=torch.bool)
+    assert cos[off].abs().max() < 0.9
+    assert (cos - cos_alone)[off].abs().max() > 1e-2
