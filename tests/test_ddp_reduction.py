@@ -7,10 +7,12 @@ accumulation window), shapes that differ between the ranks, and ranks whose piec
 different parameters. ``reduce_statistics(..., "exact")`` must give, on both ranks and to the
 last bit the same, the norms and cosines of the ranks' *average* gradient, which
 :func:`helpers.dist_reduce.reference` materialises from the same seeds in float64 with
-``einsum``/``index_add`` (float64: 1e-12; float32: 1e-5). Every case runs with the exchange
-chosen by bytes, forced to the dense reduce-scatter, forced to the all-gathers, and with the
-dense block sent by ``reduce_scatter_tensor`` (what non-gloo backends use) instead of gloo's
-all-to-all; the collectives each one called are checked too.
+``einsum``/``index_add`` (float64: 1e-12; float32: 1e-5). Every case runs as shipped (these
+blocks are small: one all-reduce of the dense block and the loss sums), with the exchange used
+for large blocks and each piece's form chosen by bytes, forced to the dense reduce-scatter,
+forced to the all-gathers, and with the dense block sent by ``reduce_scatter_tensor`` (what
+non-gloo backends use) instead of gloo's all-to-all; the collectives each one called are
+checked too.
 """
 
 from __future__ import annotations
@@ -63,19 +65,23 @@ CASES = [
     Case("module-missing-on-a-rank", (((Part("linear", 0, n=4), Part("dense", 1)),), ((Part("linear", 0, n=4),),)),
          expect=(False, True)),
     Case("rank-without-statistics", (((Part("linear", 0, n=4), Part("rows", 2, n=3)),), ((),)), expect=(False, True)),
+    Case("nothing-measured", ((((),)), (((),)))),
     Case("huge", _both((Part("linear", 0, n=4), Part("dense", 1), Part("rows", 2, n=6))), scale=1e30),
     Case("tiny", _both((Part("linear", 0, n=4), Part("dense", 1), Part("rows", 2, n=6))), scale=1e-30),
 ]
-# (force, dense collective, cosines, dtype)
+# (force, dense collective, cosines, dtype); force None: as shipped (these blocks are small: one
+# all-reduce), "bytes": the exchange with each piece's form chosen by bytes
 SETTINGS: list[tuple[str | None, str | None, bool, str]] = [
     (None, None, True, "float64"),
-    (None, None, False, "float64"),
-    (None, None, True, "float32"),
     (None, None, False, "float32"),
+    ("bytes", None, True, "float64"),
+    ("bytes", None, False, "float64"),
+    ("bytes", None, True, "float32"),
+    ("bytes", None, False, "float32"),
     ("dense", None, True, "float64"),
     ("gather", None, True, "float64"),
     ("gather", None, False, "float32"),
-    (None, "reduce_scatter", True, "float64"),
+    ("bytes", "reduce_scatter", True, "float64"),
     ("dense", "reduce_scatter", False, "float64"),
 ]
 
@@ -90,7 +96,7 @@ def reduced(tmp_path_factory: pytest.TempPathFactory) -> list[dict[Any, Any]]:
 
 def _setting_id(setting: tuple[str | None, str | None, bool, str]) -> str:
     force, collective, cosines, dtype = setting
-    return f"{force or 'bytes'}-{collective or 'default'}-{'cos' if cosines else 'norms'}-{dtype}"
+    return f"{force or 'shipped'}-{collective or 'default'}-{'cos' if cosines else 'norms'}-{dtype}"
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=_setting_id)
@@ -105,6 +111,9 @@ def test_exact_reduction_equals_the_average_gradient(reduced: list[dict[Any, Any
         torch.testing.assert_close(r0["cosines"], r1["cosines"], rtol=0, atol=0, equal_nan=True)
     else:
         assert r0["cosines"] is None
+    if case.name == "nothing-measured":  # (no rank recorded per-task gradients: NaN, not zeros)
+        assert r0["norms"].isnan().all() and (not cosines or r0["cosines"].isnan().all())
+        return
     want_norms, want_cos = reference(case, WORLD)
     tol = 1e-12 if dtype == "float64" else 1e-5
     got = r0["norms"].double()
@@ -119,6 +128,9 @@ def test_exact_reduction_equals_the_average_gradient(reduced: list[dict[Any, Any
         assert cos[~both].isnan().all()  # an absent task's cosines are undefined
         assert not want_cos[both].isnan().any()
     names = [name for name, _ in r0["calls"]]
+    if force is None:  # (small blocks: the dense block and the loss sums in one all-reduce)
+        assert names == ["all_reduce"]
+        return
     assert names[0] == "all_gather" and names[-1] == "all_reduce"  # descriptions ... shares + losses
     gathered = names.count("all_gather") > 1
     dense = "all_to_all_single" in names or "reduce_scatter" in names
@@ -128,7 +140,7 @@ def test_exact_reduction_equals_the_average_gradient(reduced: list[dict[Any, Any
         assert "reduce_scatter" not in names  # gloo: the all-to-all, with the reduce-scatter's bytes
     if force == "dense":
         assert not gathered
-    if force is None and case.expect is not None:
+    if force == "bytes" and case.expect is not None:
         assert (gathered, dense) == case.expect, names
 
 

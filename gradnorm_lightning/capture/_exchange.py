@@ -33,13 +33,19 @@ from torch import Tensor
 from gradnorm_lightning.capture.gram import Gram, cross_factored_gram, dense_gram
 from gradnorm_lightning.capture.stats import Accumulator, Factored, RowSparse, _Piece
 
-__all__ = ["exact_shares", "plan_forms"]
+__all__ = ["exact_shares", "one_block", "plan_forms", "trainable_block"]
 
 F64 = torch.float64
 DENSE, FACTORED, SPARSE = 0, 1, 2
 _DESC = 5  # integers describing one slot
-#: ``"dense"`` or ``"gather"`` forces every slot's exchange (tests and benchmarks); ``None``: by bytes
+#: ``"dense"`` or ``"gather"`` forces every slot's exchange, ``"allreduce"`` the one all-reduce of
+#: the whole block (tests and benchmarks); ``None``: by size and bytes
 FORCE: str | None = None
+#: The size (bytes) of the dense ``T x (trainable parameters)`` block up to which it is simply
+#: all-reduced with the loss sums, in one collective: below it, the latency of the three
+#: collectives of the exchange (descriptions, data, shares) costs more than the bytes they save
+#: (2 gloo processes on one machine: about 0.5 ms per collective, 1 GB/s).
+SMALL_BLOCK_BYTES = 1 << 20
 #: the dense block's exchange: ``"reduce_scatter"`` or ``"all_to_all"`` (``None``: all-to-all on gloo)
 DENSE_COLLECTIVE: str | None = None
 
@@ -178,7 +184,7 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // 8) * 8
 
 
-class _Layout:
+class _Bytes:
     """Offsets of typed arrays in one byte buffer (8-byte aligned)."""
 
     def __init__(self) -> None:
@@ -205,7 +211,7 @@ def _view(buffer: Tensor, where: tuple[int, torch.dtype, tuple[int, ...]]) -> Te
 def _gathered_shares(slots: list[_Slot], plan: _Plan, acc: Accumulator, world: int, rank: int,
                      diagonal: bool) -> list[Gram]:
     """All-gather the gathered slots (one byte buffer), then this rank's share of each one's Gram."""
-    layout = _Layout()
+    packing = _Bytes()
     spots: list[tuple[int, Any, Any]] = []
     for s, slot in enumerate(slots):
         if not plan.gather[s]:
@@ -213,15 +219,15 @@ def _gathered_shares(slots: list[_Slot], plan: _Plan, acc: Accumulator, world: i
         most = max(plan.counts[s])
         if slot.factored is not None:
             f = slot.factored
-            spots.append((s, layout.reserve(acc.dtype, (most, f.rows.shape[1])),
-                          layout.reserve(acc.dtype, (most, acc.num_tasks, f.grads.shape[2]))))
+            spots.append((s, packing.reserve(acc.dtype, (most, f.rows.shape[1])),
+                          packing.reserve(acc.dtype, (most, acc.num_tasks, f.grads.shape[2]))))
         else:
             assert slot.sparse is not None
-            spots.append((s, layout.reserve(torch.int64, (most,)),
-                          layout.reserve(acc.dtype, (most, acc.num_tasks, slot.sparse.values.shape[2]))))
+            spots.append((s, packing.reserve(torch.int64, (most,)),
+                          packing.reserve(acc.dtype, (most, acc.num_tasks, slot.sparse.values.shape[2]))))
     if not spots:
         return []
-    mine = torch.zeros(layout.size, dtype=torch.uint8, device=acc.device)
+    mine = torch.zeros(packing.size, dtype=torch.uint8, device=acc.device)
     for s, first, second in spots:
         slot = slots[s]
         n = plan.counts[s][rank]
@@ -233,9 +239,9 @@ def _gathered_shares(slots: list[_Slot], plan: _Plan, acc: Accumulator, world: i
             assert slot.sparse is not None
             _view(mine, first)[:n] = slot.sparse.rows
             _view(mine, second)[:n] = slot.sparse.values.transpose(0, 1).to(acc.dtype)
-    every = torch.empty(world * layout.size, dtype=torch.uint8, device=acc.device)
+    every = torch.empty(world * packing.size, dtype=torch.uint8, device=acc.device)
     _all_gather(every, mine)
-    parts = [every[r * layout.size : (r + 1) * layout.size] for r in range(world)]
+    parts = [every[r * packing.size : (r + 1) * packing.size] for r in range(world)]
     shares = []
     for s, first, second in spots:
         slot = slots[s]
@@ -320,24 +326,67 @@ def _dense_share(slots: list[_Slot], plan: _Plan, acc: Accumulator, numels: Sequ
     return dense_gram(mine, None, diagonal)
 
 
-def exact_shares(acc: Accumulator, layout: Sequence[tuple[int, str, int]], world: int, rank: int) -> Tensor | None:
+Layout = Sequence[tuple[int, str, int, bool]]
+"""Every parameter of the shared modules, ``(module index, name, numel, requires grad)``."""
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def one_block(acc: Accumulator, layout: Layout) -> bool:
+    """Whether the whole step is all-reduced as one dense block (small enough: :data:`SMALL_BLOCK_BYTES`).
+    Decided from the layout alone, the same on every rank."""
+    if FORCE is not None:
+        return FORCE == "allreduce"
+    numel = sum(n for _, _, n, trainable in layout if trainable)
+    return acc.num_tasks * numel * _itemsize(acc.dtype) <= SMALL_BLOCK_BYTES
+
+
+def trainable_block(acc: Accumulator, layout: Layout) -> Tensor:
+    """This rank's per-task gradients over every trainable parameter of the layout, in its order,
+    ``(T, P)``: zeros where this rank recorded none (the same size on every rank)."""
+    offsets, at = {}, 0
+    for m, name, numel, trainable in layout:
+        if trainable:
+            offsets[(m, name)] = at
+            at += numel
+    numels = {(m, name): numel for m, name, numel, _ in layout}
+    block = torch.zeros(acc.num_tasks, at, dtype=acc.dtype, device=acc.device)
+    for ids, piece in acc.pieces():
+        dense = piece.to_dense()
+        col = 0
+        for i in ids:
+            key = acc.param_keys.get(i)
+            if key not in offsets:
+                raise ValueError(
+                    "A shared parameter's requires_grad changed between the forward pass and the update (or the "
+                    "parameter is not one of the shared modules' named_parameters()): freeze or unfreeze parameters "
+                    "between optimizer steps."
+                )
+            width = numels[key]
+            block[:, offsets[key] : offsets[key] + width] = dense[:, col : col + width]
+            col += width
+    return block
+
+
+def exact_shares(acc: Accumulator, layout: Layout, world: int, rank: int) -> Tensor | None:
     """This rank's float64 share of the Gram of the rank-summed per-task gradients (``(T, T)``
     with cosines, else the diagonal ``(T,)``); ``None`` when no rank measured anything.
 
     Args:
         acc: this rank's statistics.
-        layout: every parameter of the shared modules, ``(module index, name, numel)``.
+        layout: every parameter of the shared modules (:data:`Layout`).
         world: the number of ranks.
         rank: this rank.
     """
-    index = {(m, name): j for j, (m, name, _) in enumerate(layout)}
-    numels = [numel for _, _, numel in layout]
+    index = {(m, name): j for j, (m, name, _, _) in enumerate(layout)}
+    numels = [numel for _, _, numel, _ in layout]
     slots = _slots(acc, index)
     descs = _gather_descriptions(slots, len(layout), world)
     if not any(d[0] for d in descs):
         return None
-    itemsize = torch.empty((), dtype=acc.dtype).element_size()
-    plan = plan_forms(descs, len(layout), acc.num_tasks, itemsize, numels, FORCE)
+    plan = plan_forms(descs, len(layout), acc.num_tasks, _itemsize(acc.dtype), numels, FORCE)
     diagonal = not acc.cosines
     grams = [] if plan.merged else _gathered_shares(slots, plan, acc, world, rank, diagonal)
     dense = _dense_share(slots, plan, acc, numels, world, diagonal)

@@ -4,12 +4,15 @@ Per-task gradients are rank-local (each process sees its own batch), so without 
 every rank would compute its own weights. DDP averages the model's gradients over the ranks;
 GradNorm's norms (and the task-gradient cosines) must be those of that average.
 
-``"exact"`` gives exactly those: each task's squared norm (with ``task_cosines``, the whole
-``T x T`` Gram) of the averaged gradient, summed from *shares* that each rank computes from
-what it was sent, then one all-reduce of those ``T`` (or ``T^2``) numbers and the loss sums in
-float64. Every rank ends with the same float64 numbers, so the weights stay bitwise equal
-across ranks. How a piece of per-task gradients (see :mod:`~gradnorm_lightning.capture.stats`)
-is exchanged is chosen per piece, by the bytes each rank sends
+``"exact"`` gives exactly those. A small step (the dense per-task gradients of all the shared
+layer's trainable parameters up to :data:`~gradnorm_lightning.capture._exchange.SMALL_BLOCK_BYTES`,
+1 MiB) all-reduces that dense block with the loss sums in one collective, latency being what
+costs there. Otherwise each task's squared norm (with ``task_cosines``, the whole ``T x T``
+Gram) of the averaged gradient is summed from *shares* that each rank computes from what it was
+sent, then one all-reduce of those ``T`` (or ``T^2``) numbers and the loss sums in float64.
+Either way every rank ends with the same numbers, so the weights stay bitwise equal across
+ranks. How a piece of per-task gradients (see :mod:`~gradnorm_lightning.capture.stats`) is
+exchanged is chosen per piece, by the bytes each rank sends
 (:mod:`~gradnorm_lightning.capture._exchange`), identically on every rank:
 
 * a dense ``(T, P)`` block: *reduce-scattered* (each rank receives the sum of one ``1/W`` slice
@@ -42,13 +45,13 @@ the local Gram matrices (the products between different ranks' gradients left ou
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from gradnorm_lightning.capture import _exchange
+from gradnorm_lightning.capture.gram import dense_gram
 from gradnorm_lightning.capture.stats import Accumulator
 
 __all__ = ["Reduced", "reduce_statistics", "world_size"]
@@ -140,6 +143,21 @@ def _with_losses(acc: Accumulator, shares: Tensor, world: int) -> Reduced:
     return Reduced(norms, buf64[-2 * n : -n].to(dtype), buf64[-n:].to(dtype), cos)
 
 
+def _one_block(acc: Accumulator, layout: _exchange.Layout, world: int) -> Reduced:
+    """A small step: the dense per-task gradients over every trainable parameter all-reduced
+    with the loss sums (one collective); every rank then takes the same Gram of the same sum."""
+    n = acc.num_tasks
+    block = _exchange.trainable_block(acc, layout)
+    measured = torch.ones(1, dtype=acc.dtype, device=acc.device) * float(acc.measured)
+    buf = torch.cat([block.flatten(), acc.loss_sum, acc.loss_weight, measured])
+    dist.all_reduce(buf)
+    gram = dense_gram(buf[: block.numel()].view(block.shape), None, diagonal=not acc.cosines)
+    anyone = buf[-1] > 0  # (a rank measured something: else NaN, decided on the device)
+    norms = torch.where(anyone, gram.norms() / world, float("nan"))
+    cos = torch.where(anyone, gram.cosines(), float("nan")) if acc.cosines else None
+    return Reduced(norms, buf[-2 * n - 1 : -n - 1], buf[-n - 1 : -1], cos)
+
+
 def _representation(acc: Accumulator, world: int) -> Reduced:
     n = acc.num_tasks
     shape = (n, n) if acc.cosines else (n,)
@@ -154,7 +172,7 @@ def reduce_statistics(
     *,
     representation: bool = False,
     measured: bool = True,
-    layout: Sequence[tuple[int, str, int]] = (),
+    layout: _exchange.Layout = (),
 ) -> Reduced:
     """One step's norms (and cosines, when ``acc.cosines``) and losses over all processes.
 
@@ -164,8 +182,8 @@ def reduce_statistics(
         representation: ``mode="representation"`` statistics (the Grams at the layer's output).
         measured: whether this step measures per-task gradients on every rank (``False``: the
             losses only; the same on every rank).
-        layout: every parameter of the shared modules, ``(module index, name, numel)``, in a
-            fixed order (the same on every rank): names the parameters across ranks.
+        layout: every parameter of the shared modules, ``(module index, name, numel, requires
+            grad)``, in a fixed order (the same on every rank): names the parameters across ranks.
 
     Returns:
         The per-task norms (of the ``c w_i``-scaled gradients, as recorded), the summed loss
@@ -183,6 +201,8 @@ def reduce_statistics(
         return _approx(acc, world)
     if representation:
         return _representation(acc, world)
+    if _exchange.one_block(acc, layout):
+        return _one_block(acc, layout, world)
     shares = _exchange.exact_shares(acc, layout, world, dist.get_rank())
     if shares is None:  # (no rank measured anything)
         buf = torch.cat([acc.loss_sum, acc.loss_weight])

@@ -175,6 +175,7 @@ class Recorder:
         #: task's gradient is still cut off)
         self.measuring = True
         self._calls: list[LayerCall] = []
+        self._numels: dict[tuple[int, str], int] = {}  # each shared parameter's size as a call used it
         self._nograd_calls = 0
         self._views: _ViewsLink | None = None
         self._captures: list[StepCapture] = []
@@ -236,6 +237,8 @@ class Recorder:
         if len(self._calls) >= _MAX_CALLS:
             del self._calls[0]
         self._calls.append(call)
+        for name, p in call.params:  # (the full sizes: in the forward even FSDP's parameters are whole)
+            self._numels[(index, name)] = p.numel()
 
     # ------------------------------------------------------------------ forward side
     def views(self, z: Tensor, num_tasks: int) -> tuple[Tensor, ...]:
@@ -379,10 +382,13 @@ class Recorder:
         route = "+".join(dict.fromkeys(acc.routes)) or "none"
         return Statistics(norms, losses, present, route, acc._absent, acc._uncut, reduced.cosines)
 
-    def _layout(self) -> list[tuple[int, str, int]]:
-        """Every parameter of the shared modules, ``(module index, name, numel)``: how the
-        exact DDP reduction names them across processes (numel: the full, unsharded size)."""
-        return [(i, n, p.numel()) for i, m in enumerate(self.modules) for n, p in m.named_parameters()]
+    def _layout(self) -> list[tuple[int, str, int, bool]]:
+        """Every parameter of the shared modules, ``(module index, name, numel, requires grad)``:
+        how the exact DDP reduction names them across processes. The size is the full one, as the
+        forward used it: outside the forward an FSDP1 parameter (``use_orig_params=True``) is this
+        rank's part of the flat shard, whose size differs between ranks."""
+        return [(i, n, self._numels.get((i, n), p.numel()), p.requires_grad)
+                for i, m in enumerate(self.modules) for n, p in m.named_parameters()]
 
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict[str, Any]:

@@ -54,13 +54,13 @@ LAYOUT_SHAPES: list[tuple[int, str, tuple[int, ...]]] = [
 ]
 
 
-def layout() -> list[tuple[int, str, int]]:
+def layout() -> list[tuple[int, str, int, bool]]:
     out = []
     for m, name, shape in LAYOUT_SHAPES:
         numel = 1
         for s in shape:
             numel *= s
-        out.append((m, name, numel))
+        out.append((m, name, numel, True))
     return out
 
 
@@ -117,7 +117,7 @@ def reference(case: Case, world: int) -> tuple[Tensor, Tensor]:
     """Float64 norms and cosines of the average over ranks of every rank's per-task gradients."""
     lay = layout()
     offsets, at = [], 0
-    for _, _, numel in lay:
+    for _, _, numel, _ in lay:
         offsets.append(at)
         at += numel
     total = torch.zeros(T, at, dtype=F64)
@@ -200,7 +200,9 @@ def counting(calls: list[tuple[str, int]]) -> Callable[[], None]:
 
 def worker(rank: int, world: int, init_method: str, out_dir: str, cases: list[Case],
            settings: list[tuple[str | None, str | None, bool, str]]) -> None:
-    """Reduce every case under every setting ``(force, dense collective, cosines, dtype)``."""
+    """Reduce every case under every setting ``(force, dense collective, cosines, dtype)``; ``force``:
+    ``None`` (as shipped), ``"bytes"`` (the exchange, each piece's form by bytes), ``"dense"``,
+    ``"gather"`` or ``"allreduce"`` (see ``_exchange.FORCE``)."""
     import torch.distributed as dist
 
     from gradnorm_lightning.capture import _exchange
@@ -210,10 +212,14 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, cases: list[Ca
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     results: dict[tuple[str, str | None, str | None, bool, str], Any] = {}
+    small = _exchange.SMALL_BLOCK_BYTES
     try:
         for case in cases:
             for force, collective, cosines, dtype_name in settings:
-                _exchange.FORCE, _exchange.DENSE_COLLECTIVE = force, collective
+                # "bytes": the exchange chosen by bytes even for these small blocks
+                _exchange.FORCE = None if force == "bytes" else force
+                _exchange.SMALL_BLOCK_BYTES = 0 if force == "bytes" else small
+                _exchange.DENSE_COLLECTIVE = collective
                 acc = fill(case, rank, getattr(torch, dtype_name), cosines)
                 calls: list[tuple[str, int]] = []
                 undo = counting(calls)
