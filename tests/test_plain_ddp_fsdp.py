@@ -8,11 +8,15 @@ dense block reduce-scattered), a wider Linear (its inputs and output gradients a
 fewer bytes), a convolution (also on the data, its output read by the views: under FSDP2 the
 gradients reach its rule before FSDP gathers the weight again), a LayerNorm (the generic rule), an embedding, two shared Linears;
 heads reading ``z`` or task views; a task without labels in the global batch at steps 1 and 2;
-two micro-batches per step; ``mode="representation"``.
+two micro-batches per step; ``mode="representation"``. These blocks are small, so as shipped
+they are all-reduced in one collective (two configurations check that); the others take the
+exchange meant for large blocks (``SMALL_BLOCK_BYTES = 0``).
 
 FSDP2: ``torch.distributed.fsdp.fully_shard`` on each shared module, then on the model (its
 parameters are DTensor shards; each forward gathers them). ``mode="autograd"`` is refused there
-with a message naming the sharding. Lightning's FSDP strategies need a GPU ("The strategy fsdp
+with a message naming the sharding. FSDP1: ``FullyShardedDataParallel(model,
+use_orig_params=True)`` (what Lightning's ``FSDPStrategy`` does by default): one flat parameter,
+the shared layer's parameters views into this rank's part of it outside the forward. Lightning's FSDP strategies need a GPU ("The strategy fsdp
 requires a GPU accelerator"): ``benchmarks/gpu_check.py`` fits one where a GPU is available.
 """
 
@@ -39,14 +43,20 @@ DDP = [
     Config("linear", k=2), Config("linear", force="gather"), Config("big"), Config("big", k=2, absent=True),
     Config("big", force="dense"), Config("conv"), Config("layernorm"), Config("layernorm", views=True),
     Config("conv_first", views=True), Config("embedding"), Config("two"), Config("two", views=True),
-    Config("linear", mode="representation"),
+    Config("linear", mode="representation"), Config("big", exchange=False), Config("two", absent=True, exchange=False),
 ]
 FSDP = [
     Config("linear"), Config("linear", views=True), Config("conv"), Config("conv", views=True),
     Config("conv_first", views=True), Config("layernorm"),
     Config("layernorm", views=True), Config("embedding"), Config("two"), Config("big"), Config("linear", absent=True),
     Config("conv", absent=True, views=True), Config("layernorm", k=2), Config("linear", mode="representation"),
-    Config("linear", mode="autograd"),
+    Config("conv", exchange=False), Config("linear", mode="autograd"),
+]
+
+FSDP1 = [
+    Config("linear"), Config("linear", views=True), Config("conv_first", views=True), Config("layernorm"),
+    Config("layernorm", views=True), Config("embedding"), Config("two"), Config("big"), Config("linear", absent=True),
+    Config("layernorm", k=2), Config("conv", exchange=False),
 ]
 
 
@@ -59,6 +69,11 @@ def _spawn(tmp: Path, wrapper: str, configs: list[Config]) -> list[dict[str, Any
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return _spawn(tmp_path_factory.mktemp("ddp"), "ddp", DDP)
+
+
+@pytest.fixture(scope="module")
+def fsdp1_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _spawn(tmp_path_factory.mktemp("fsdp1"), "fsdp1", FSDP1)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +117,11 @@ def test_plain_ddp_equals_one_process(ddp_runs: list[dict[str, Any]], cfg: Confi
 @pytest.mark.parametrize("cfg", [c for c in FSDP if c.mode != "autograd"], ids=lambda c: c.id)
 def test_fsdp2_equals_one_process(fsdp_runs: list[dict[str, Any]], cfg: Config) -> None:
     _check(fsdp_runs, cfg, "FSDP2")
+
+
+@pytest.mark.parametrize("cfg", FSDP1, ids=lambda c: c.id)
+def test_fsdp1_equals_one_process(fsdp1_runs: list[dict[str, Any]], cfg: Config) -> None:
+    _check(fsdp1_runs, cfg, "FSDP1")
 
 
 def test_fsdp2_refuses_mode_autograd_naming_the_sharding(fsdp_runs: list[dict[str, Any]]) -> None:

@@ -5,8 +5,9 @@ A :class:`Config` names the shared layer (``linear``, ``conv``, ``layernorm`` (t
 ``conv_first`` (a convolution on the data), ``embedding``, ``two`` (two shared Linears, each with its rule), ``big`` (a Linear whose factored
 gradients are cheaper to all-gather than its dense block: the gather form by bytes)), whether
 the heads read task views, ``task_cosines``, a task absent from the global batch at some steps (a
-masked mean over an empty mask: NaN with a graph), micro-batches per optimizer step, and a
-forced exchange form. Rank ``r`` trains on rows ``[r b, (r + 1) b)`` of every global batch;
+masked mean over an empty mask: NaN with a graph), micro-batches per optimizer step, a forced
+exchange form, and whether these small blocks go through the exchange meant for large ones
+(each piece's form by bytes) or, as shipped, one all-reduce. Rank ``r`` trains on rows ``[r b, (r + 1) b)`` of every global batch;
 the one-process run trains on all of it. ``broadcast_buffers=False`` (nothing hides a divergence).
 """
 
@@ -39,12 +40,14 @@ class Config:
     k: int = 1
     force: str | None = None
     mode: str = "auto"
+    #: the exchange for large blocks even on these small ones (``False``: as shipped, one all-reduce)
+    exchange: bool = True
 
     @property
     def id(self) -> str:
         parts = [self.layer, "views" if self.views else "heads", "cos" if self.cosines else "norms"]
         parts += ["absent"] * self.absent + [f"k{self.k}"] * (self.k > 1) + [f"force-{self.force}"] * bool(self.force)
-        parts += [self.mode] * (self.mode != "auto")
+        parts += [self.mode] * (self.mode != "auto") + ["one-block"] * (not self.exchange)
         return "-".join(parts)
 
 
@@ -168,6 +171,14 @@ def _full(p: Tensor) -> Tensor:
     return (full() if full is not None else p).detach().clone()
 
 
+def _fsdp1_params(model: Any) -> list[Tensor]:
+    """The full parameters of an FSDP1-wrapped model (gathered on every rank), in order."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(model):
+        return [p.detach().clone() for p in model.module.parameters()]
+
+
 def single(cfg: Config) -> dict[str, Any]:
     """The one-process run on the whole global batches."""
     net = Net(cfg.layer)
@@ -180,8 +191,9 @@ def single(cfg: Config) -> dict[str, Any]:
 
 
 def worker(rank: int, world: int, init_method: str, out_dir: str, wrapper: str, configs: list[Config]) -> None:
-    """Every config under DDP (``wrapper="ddp"``) or FSDP2 (``"fsdp"``: ``fully_shard`` on each
-    shared module, resharded after its forward, then on the model); saves ``{config id: result}``; an error is saved as its text."""
+    """Every config under DDP (``wrapper="ddp"``), FSDP2 (``"fsdp"``: ``fully_shard`` on each
+    shared module, resharded after its forward, then on the model) or FSDP1 (``"fsdp1"``:
+    ``FullyShardedDataParallel(model, use_orig_params=True)``); saves ``{config id: result}``; an error is saved as its text."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -192,9 +204,11 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, wrapper: str, 
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     results: dict[str, Any] = {}
     b = GLOBAL_BATCH // world
+    small = _exchange.SMALL_BLOCK_BYTES
     try:
         for cfg in configs:
             _exchange.FORCE = cfg.force
+            _exchange.SMALL_BLOCK_BYTES = 0 if cfg.exchange else small
             net = Net(cfg.layer)
             batches = make_batches(cfg.layer)
             if not cfg.absent:
@@ -210,6 +224,17 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, wrapper: str, 
 
                     out = _train(net, ddp, cfg, batches, slice(rank * b, (rank + 1) * b), no_sync)
                     del ddp
+                elif wrapper == "fsdp1":
+                    from torch.distributed.fsdp import FullyShardedDataParallel
+
+                    # one flat parameter over the whole model; the shared layer's parameters are
+                    # views into it (use_orig_params=True, Lightning's FSDPStrategy's default)
+                    fsdp1 = FullyShardedDataParallel(net, use_orig_params=True, device_id=torch.device("cpu"))
+                    out = _train(net, fsdp1, cfg, batches, slice(rank * b, (rank + 1) * b))
+                    out["params"] = _fsdp1_params(fsdp1)
+                    results[cfg.id] = out
+                    dist.barrier()
+                    continue
                 else:
                     from torch.distributed.fsdp import fully_shard
 
@@ -225,5 +250,5 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, wrapper: str, 
         torch.save(results, Path(out_dir) / f"{wrapper}_rank{rank}.pt")
         dist.barrier()
     finally:
-        _exchange.FORCE = None
+        _exchange.FORCE, _exchange.SMALL_BLOCK_BYTES = None, small
         dist.destroy_process_group()
