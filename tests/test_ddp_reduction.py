@@ -154,3 +154,18 @@ def test_the_cases_have_power() -> None:
     off = ~torch.eye(3, dtype=torch.bool)
     assert cos[off].abs().max() < 0.9
     assert (cos - cos_alone)[off].abs().max() > 1e-2
+
+
+def test_ddp_bytes_benchmark_runs(tmp_path: Path) -> None:
+    """``benchmarks/ddp_bytes.py`` on the tiny workload (no timing checked): every mode reports,
+    and the byte counts follow the collectives (the 'before' mode all-reduces the dense block)."""
+    from benchmarks import ddp_bytes
+
+    out = tmp_path / "ddp.md"
+    assert ddp_bytes.main(["--tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "ms" not in line]
+    assert len(rows) == len(ddp_bytes.MODES)
+    before, shipped, dense, cosines, approx, plain = rows
+    assert "| all_reduce |" in before and "| all_reduce |" in shipped  # (tiny: one all-reduce)
+    assert "all_to_all_single" in dense and "| — |" in plain
+    assert "| all_reduce |" in cosines and "| all_reduce |" in approx

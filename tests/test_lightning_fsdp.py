@@ -60,3 +60,16 @@ def test_model_parallel_strategy_two_processes_equal_one_on_the_union_batch(tmp_
     assert torch.equal(r0["weights"], r1["weights"]) and torch.equal(r0["cosines"], r1["cosines"])
     want = lightning_fsdp.fit(1, shard=False)
     _close(r0, want)
+
+
+def test_gpu_check_fsdp_fits_run_on_the_cpu() -> None:
+    """``benchmarks/gpu_check.py``'s Lightning FSDP part, here on the CPU: ``strategy="fsdp"`` is
+    refused (as expected there), ``ModelParallelStrategy`` fits and equals ``strategy="auto"``."""
+    from benchmarks import gpu_check
+
+    ok, lines = gpu_check.lightning_fsdp_fits(4, device="cpu")
+    assert ok, "\n".join(lines)
+    assert any("refused on the CPU (expected)" in line for line in lines)
+    (row,) = [line for line in lines if line.startswith("| ModelParallelStrategy")]
+    assert "| DTensor |" in row and "not as expected" not in row
+    assert not dist.is_initialized()
