@@ -303,3 +303,20 @@ def test_callback_logs_each_pair_once_in_task_order(tmp_path: Path) -> None:
         MultiTaskNet(), loader(3, 4))
     with open(Path(off.log_dir) / "metrics.csv") as f:
         assert not any(k.startswith("gradnorm/cosine/") for k in next(csv.DictReader(f)))
+
+
+def test_figure_draws_one_cosine_line_per_pair(tmp_path: Path) -> None:
+    """``gradnorm-plot`` on a fit with ``task_cosines=True``: the cosine panel has the three
+    pairs (not counted as tasks), the other panels the three tasks."""
+    from gradnorm_lightning.experiments import plotting
+
+    logger = CSVLogger(tmp_path)
+    trainer(8, logger=logger, log_every_n_steps=2,
+            callbacks=[GradNormCallback(optimizer="sgd", task_cosines=True)]).fit(MultiTaskNet(), loader(3, 8))
+    metrics = plotting.read_metrics(plotting.find_metrics_csv(tmp_path))
+    panel = next(p for p in plotting._PANELS if p.prefix == "gradnorm/cosine/")
+    assert sorted(plotting._panel_series(metrics, panel)) == ["t0/t1", "t0/t2", "t1/t2"]
+    weights = next(p for p in plotting._PANELS if p.prefix == "gradnorm/weight/")
+    assert sorted(plotting._panel_series(metrics, weights)) == ["t0", "t1", "t2"]
+    out = plotting.plot_runs([tmp_path], tmp_path / "fig.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

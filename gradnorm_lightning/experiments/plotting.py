@@ -11,7 +11,9 @@ tasks' training losses, :func:`plot_runs` draws, per task and over training step
   norms ``w_i ||grad_W L_i||`` that GradNorm balances;
 * the inverse training rates ``r_i`` (``gradnorm/inverse_rate/<task>``);
 * the loss ratios ``L_i(t) / L_i(0)`` (``gradnorm/loss_ratio/<task>``);
-* the raw training losses (``train/loss/<task>``) and GradNorm's own loss (``gradnorm/loss``).
+* the raw training losses (``train/loss/<task>``) and GradNorm's own loss (``gradnorm/loss``);
+* with ``task_cosines=True``, the cosines between the tasks' gradients, one line per pair
+  (``gradnorm/cosine/<a>/<b>``).
 
 Panels without data are left out. Several runs are overlaid: one colour per task, one line
 style per run. Command line::
@@ -51,6 +53,7 @@ class _Panel:
     title: str
     prefix: str  # column prefix; a key equal to the prefix is a single (task-less) series
     log_y: bool
+    pairs: bool = False  # one series per pair of tasks (`<prefix><a>/<b>`), not per task
 
 
 _PANELS = (
@@ -61,6 +64,7 @@ _PANELS = (
     _Panel("loss ratio $L_i(t)/L_i(0)$", "gradnorm/loss_ratio/", True),
     _Panel("training loss $L_i$", "train/loss/", True),
     _Panel("GradNorm loss $L_{grad}$", "gradnorm/loss", True),
+    _Panel("task-gradient cosine (pair a/b)", "gradnorm/cosine/", False, pairs=True),
 )
 
 
@@ -154,6 +158,9 @@ def _with_weighted_norms(metrics: dict[str, Series]) -> dict[str, Series]:
 def _panel_series(metrics: dict[str, Series], panel: _Panel) -> dict[str, Series]:
     if panel.prefix in metrics:
         return {"": metrics[panel.prefix]}
+    if panel.pairs:
+        return {k[len(panel.prefix) :]: v for k, v in metrics.items()
+                if k.startswith(panel.prefix) and k[len(panel.prefix) :].count("/") == 1}
     return {
         key[len(panel.prefix) :]: series
         for key, series in metrics.items()
@@ -199,11 +206,13 @@ def plot_runs(
             + ", ".join(str(d) for d in run_dirs)
         )
     tasks = sorted(
-        {t for m in runs for p in panels for t in _panel_series(m, p) if t},
+        {t for m in runs for p in panels if not p.pairs for t in _panel_series(m, p) if t},
         key=_natural_key,
     )
     cmap = plt.get_cmap("tab10" if len(tasks) <= 10 else "tab20")
     colors = {t: cmap(i % cmap.N) for i, t in enumerate(tasks)}
+    pairs = sorted({t for m in runs for p in panels if p.pairs for t in _panel_series(m, p)})
+    colors.update({t: plt.get_cmap("Dark2")(i % 8) for i, t in enumerate(pairs)})
 
     ncols = 2 if len(panels) > 1 else 1
     nrows = math.ceil(len(panels) / ncols)
@@ -214,13 +223,16 @@ def plot_runs(
                 ax.plot(steps, values, linestyle=style, color=colors.get(task, "black"), lw=1.2)
         if panel.log_y and _all_positive(runs, panel):
             ax.set_yscale("log")
+        if panel.pairs:
+            ax.set_ylim(-1.05, 1.05)
+            ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_title(panel.title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
 
-    handles = [Line2D([], [], color=colors[t], label=t) for t in tasks]
+    handles = [Line2D([], [], color=colors[t], label=t) for t in [*tasks, *pairs]]
     if len(runs) > 1:
         handles += [
             Line2D([], [], color="black", linestyle=s, label=label)
