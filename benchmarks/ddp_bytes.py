@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = sys.argv if argv is None else ["benchmarks/ddp_bytes.py", *argv]
     lines = ["# GradNorm under DDP: bytes per step and step time", "", f"Command: `python {' '.join(command)}`", "",
              *machine_info(), f"- {args.world} gloo processes on this machine, one thread each", "",
-             (__doc__ or "").split("\n\n", 2)[2].strip(), ""]
+             (__doc__ or "").split("\n\n", 3)[3].strip(), ""]
     for batch in args.batch:
         wl = dataclasses.replace(workload("conv", tiny=args.tiny), batch=batch)
         print(f"== batch {batch} per rank", flush=True)

@@ -1,7 +1,8 @@
 """Exact DDP: each rank's float64 share of the Gram of the rank-summed per-task gradients.
 
-See :mod:`~gradnorm_lightning.capture.distributed` for what is sent and why. Steps, the same on
-every rank:
+See :mod:`~gradnorm_lightning.capture.distributed` for what is sent and why. A step whose dense
+block is small (:func:`one_block`) is all-reduced whole (:func:`trainable_block`); otherwise,
+steps the same on every rank:
 
 1. **describe**: every piece this rank recorded (sorted by its first parameter in the shared
    modules' fixed ``layout``) as a *slot*: which parameters, in which order, in which form,
