@@ -26,7 +26,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers.dist_reduce import Case, Part, reference, worker
+from helpers.dist_reduce import Case, Part, local_reference, reference, worker
 
 pytestmark = pytest.mark.slow
 
@@ -142,6 +142,27 @@ def test_exact_reduction_equals_the_average_gradient(reduced: list[dict[Any, Any
         assert not gathered
     if force == "bytes" and case.expect is not None:
         assert (gathered, dense) == case.expect, names
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("factored", "mixed", "absent-on-one-rank")],
+                         ids=lambda c: c.name)
+def test_approx_gives_mean_local_norms_and_cosines_of_the_summed_local_grams(
+        reduced: list[dict[Any, Any]], case: Case) -> None:
+    """``distributed="approx"``: the mean of the ranks' local norms, and with cosines those of the sum
+    of the ranks' local Gram matrices (the products between ranks' gradients left out)."""
+    local = [local_reference(case, r) for r in range(WORLD)]
+    norms = torch.stack([g.norm(dim=1) for g in local]).mean(dim=0)
+    gram = sum(g @ g.T for g in local)
+    d = gram.diagonal().sqrt()
+    cos = gram / d[:, None] / d[None, :]
+    for cosines in (True, False):
+        r0, r1 = (r[(case.name, "approx", None, cosines, "float64")] for r in reduced)
+        torch.testing.assert_close(r0["norms"], r1["norms"], rtol=0, atol=0)
+        torch.testing.assert_close(r0["norms"], norms, rtol=1e-12, atol=0)
+        if cosines:
+            torch.testing.assert_close(r0["cosines"], cos, rtol=0, atol=1e-12)
+    _, exact_cos = reference(case, WORLD)
+    assert (exact_cos - cos).abs().max() > 1e-3  # (not the exact cosines)
 
 
 def test_the_cases_have_power() -> None:

@@ -134,6 +134,23 @@ def reference(case: Case, world: int) -> tuple[Tensor, Tensor]:
     return norms, gram / norms[:, None] / norms[None, :]
 
 
+def local_reference(case: Case, rank: int) -> Tensor:
+    """Float64 ``(T, P)``: rank ``rank``'s own per-task gradients over the layout."""
+    lay = layout()
+    offsets, at = [], 0
+    for _, _, numel, _ in lay:
+        offsets.append(at)
+        at += numel
+    total = torch.zeros(T, at, dtype=F64)
+    for k, parts in enumerate(case.passes[rank]):
+        for i, part in enumerate(parts):
+            dense = _dense_of(part, _data(case.seed(rank, k, i), part, case.scale))
+            dense = dense * torch.tensor(part.present, dtype=F64)[:, None]
+            start = offsets[_params_of(part.module, part.kind)[0]]
+            total[:, start : start + dense.shape[1]] += dense
+    return total
+
+
 def fill(case: Case, rank: int, dtype: torch.dtype, cosines: bool) -> Any:
     """This rank's Accumulator, filled as the capture would fill it."""
     from gradnorm_lightning.capture.stats import Accumulator, Factored, RowSparse
@@ -229,6 +246,12 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, cases: list[Ca
                     undo()
                 results[(case.name, force, collective, cosines, dtype_name)] = {
                     "norms": out.norms, "cosines": out.cosines, "loss_weight": out.loss_weight, "calls": calls,
+                }
+            for cosines in (True, False):  # distributed="approx"
+                acc = fill(case, rank, torch.float64, cosines)
+                out = reduce_statistics(acc, "approx", layout=layout())
+                results[(case.name, "approx", None, cosines, "float64")] = {
+                    "norms": out.norms, "cosines": out.cosines, "loss_weight": out.loss_weight, "calls": [],
                 }
         torch.save(results, Path(out_dir) / f"reduce_rank{rank}.pt")
         dist.barrier()
