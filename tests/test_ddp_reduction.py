@@ -83,6 +83,7 @@ SETTINGS: list[tuple[str | None, str | None, bool, str]] = [
     ("gather", None, False, "float32"),
     ("bytes", "reduce_scatter", True, "float64"),
     ("dense", "reduce_scatter", False, "float64"),
+    ("bytes", "as-nccl", True, "float64"),
 ]
 
 
@@ -134,7 +135,7 @@ def test_exact_reduction_equals_the_average_gradient(reduced: list[dict[Any, Any
     assert names[0] == "all_gather" and names[-1] == "all_reduce"  # descriptions ... shares + losses
     gathered = names.count("all_gather") > 1
     dense = "all_to_all_single" in names or "reduce_scatter" in names
-    if collective == "reduce_scatter":
+    if collective in ("reduce_scatter", "as-nccl"):
         assert "all_to_all_single" not in names
     elif dense:
         assert "reduce_scatter" not in names  # gloo: the all-to-all, with the reduce-scatter's bytes

@@ -49,6 +49,12 @@ FORCE: str | None = None
 SMALL_BLOCK_BYTES = 1 << 20
 #: the dense block's exchange: ``"reduce_scatter"`` or ``"all_to_all"`` (``None``: all-to-all on gloo)
 DENSE_COLLECTIVE: str | None = None
+#: the default group's backend as the exchange takes it (``None``: ``dist.get_backend()``; tests)
+BACKEND: str | None = None
+
+
+def _backend() -> str:
+    return BACKEND if BACKEND is not None else str(dist.get_backend())
 
 
 @dataclasses.dataclass
@@ -96,7 +102,7 @@ def _host_group() -> Any:
     """A process group for integers on the CPU: the default one on gloo, else a gloo group over
     the same ranks, made once (so the descriptions never wait on a device)."""
     default = dist.group.WORLD
-    if dist.get_backend() == "gloo":
+    if _backend() == "gloo":
         return None
     if default not in _HOST_GROUPS:
         _HOST_GROUPS[default] = dist.new_group(backend="gloo")
@@ -314,7 +320,7 @@ def _dense_share(slots: list[_Slot], plan: _Plan, acc: Accumulator, numels: Sequ
     block = torch.zeros(world, acc.num_tasks, width, dtype=acc.dtype, device=acc.device)
     for columns, start in _dense_columns(slots, plan, numels):
         _place(block, columns.to(acc.dtype), start)
-    how = DENSE_COLLECTIVE or ("all_to_all" if dist.get_backend() == "gloo" else "reduce_scatter")
+    how = DENSE_COLLECTIVE or ("all_to_all" if _backend() == "gloo" else "reduce_scatter")
     if how == "all_to_all":
         # gloo's reduce_scatter sends as many bytes as an all-reduce: send each rank its slice
         # instead (the reduce-scatter's bytes) and sum the received slices here, in rank order

@@ -236,7 +236,10 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, cases: list[Ca
                 # "bytes": the exchange chosen by bytes even for these small blocks
                 _exchange.FORCE = None if force == "bytes" else force
                 _exchange.SMALL_BLOCK_BYTES = 0 if force == "bytes" else small
-                _exchange.DENSE_COLLECTIVE = collective
+                # "as-nccl": the default group taken for a non-gloo one (the descriptions go over
+                # a gloo group made for them, the dense block by reduce_scatter)
+                _exchange.DENSE_COLLECTIVE = None if collective == "as-nccl" else collective
+                _exchange.BACKEND = "nccl" if collective == "as-nccl" else None
                 acc = fill(case, rank, getattr(torch, dtype_name), cosines)
                 calls: list[tuple[str, int]] = []
                 undo = counting(calls)
@@ -254,6 +257,7 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, cases: list[Ca
                     "norms": out.norms, "cosines": out.cosines, "loss_weight": out.loss_weight, "calls": [],
                 }
         torch.save(results, Path(out_dir) / f"reduce_rank{rank}.pt")
+        _exchange.BACKEND = None
         dist.barrier()
     finally:
         dist.destroy_process_group()
