@@ -286,6 +286,110 @@ def throughput_rows(names: Sequence[str], steps: int, rounds: int, device: str =
              "synchronisation at the end of each block.", "", *table(names, steps, rounds, device, tiny), ""]
     print("\n".join(lines), flush=True)
     return True, lines
+# ---------------------------------------------------------------------- (f) Lightning's FSDP
+def lightning_fsdp_fits(steps: int = 20, device: str = "cuda") -> tuple[bool, list[str]]:
+    """Lightning's FSDP strategies with ``GradNormCallback(task_cosines=True)`` on one device:
+    ``strategy="fsdp"`` (``FSDPStrategy``: FSDP1, one flat parameter, ``use_orig_params=True``;
+    it refuses the CPU) and ``ModelParallelStrategy`` (FSDP2: ``fully_shard`` in
+    ``configure_model``), each against ``strategy="auto"`` on the same data and initialisation:
+    float32 weights and task-gradient cosines within 1e-5, finite, summing to T. Returns
+    (passed, report lines)."""
+    import os
+
+    import lightning as L
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from gradnorm_lightning import GradNormCallback, GradNormMixin
+
+    names = ("a", "b", "c")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.trunk = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.ReLU())
+            self.heads = nn.ModuleList([nn.Linear(64, 1) for _ in names])
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+            z = self.trunk(x)
+            return [nn.functional.mse_loss(h(z).squeeze(1), y[:, k]) for k, h in enumerate(self.heads)]
+
+    class Module(GradNormMixin, L.LightningModule):
+        task_names = names
+
+        def __init__(self, fsdp2: bool) -> None:
+            super().__init__()
+            self.net = Net()
+            self.fsdp2 = fsdp2
+
+        def configure_model(self) -> None:
+            if self.fsdp2:  # (the net's forward is the FSDP root's: training_step calls it)
+                from torch.distributed.fsdp import fully_shard
+
+                fully_shard(self.net.trunk[2], mesh=self.device_mesh["data_parallel"])
+                fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+        def shared_layer(self) -> nn.Module:
+            return self.net.trunk[2]
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.combine_task_losses(dict(zip(names, self.net(*batch))))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(64, 32, generator=g), torch.randn(64, 3, generator=g) * torch.tensor([1.0, 3.0, 0.3]))
+            for _ in range(steps)]
+
+    def fit(strategy: Any, fsdp2: bool) -> dict[str, Any]:
+        cb = GradNormCallback(optimizer="sgd", lr=0.05, task_cosines=True, log=False)
+        module = Module(fsdp2)
+        saved = dict(os.environ)
+        try:
+            trainer = L.Trainer(accelerator="gpu" if _on_cuda(device) else "cpu", devices=1, strategy=strategy,
+                                max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=[cb], use_distributed_sampler=False)
+            trainer.fit(module, DataLoader(data, batch_size=None))
+        finally:  # (Lightning leaves its process group and MASTER_PORT behind)
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            os.environ.clear()
+            os.environ.update(saved)
+        gn = cb.balancer
+        assert gn is not None
+        return {"weights": gn.weights.detach().float().cpu(), "cosines": gn.last_stats["cosines"].float().cpu(),
+                "route": gn.last_stats["route"], "params": type(module.net.trunk[2].weight).__name__}
+
+    lines = ["| strategy | route | shared layer's parameters | weights (min–max, sum) | max abs(w − w_auto) "
+             "| max abs(cos − cos_auto) |", "|---|---|---|---|---:|---:|"]
+    ok = True
+    ref = fit("auto", False)
+    runs = [("fsdp (FSDPStrategy, FSDP1)", lambda: fit("fsdp", False)),
+            ("ModelParallelStrategy (FSDP2)",
+             lambda: fit(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), True))]
+    for label, run in runs:
+        try:
+            r = run()
+        except Exception as exc:  # reported, then the next strategy
+            refused = not _on_cuda(device) and "requires a GPU accelerator" in str(exc)
+            ok = ok and refused
+            lines.append(f"| {label} | {'refused on the CPU (expected)' if refused else 'FAILED'} | | | | |")
+            if not refused:
+                lines += ["", "```", traceback.format_exc(limit=-8), "```", ""]
+            continue
+        w = r["weights"]
+        dw = float((w - ref["weights"]).abs().max())
+        dcos = float((r["cosines"] - ref["cosines"]).abs().max())
+        good = bool(torch.isfinite(w).all()) and abs(float(w.sum()) - 3) < 1e-4 and dw < 1e-5 and dcos < 1e-5
+        ok = ok and good
+        lines.append(f"| {label} | {r['route']} | {r['params']} | {float(w.min()):.4f}–{float(w.max()):.4f}, "
+                     f"{float(w.sum()):.4f} | {dw:.1e} | {dcos:.1e} |" + ("" if good else " **not as expected**"))
+        print(lines[-1], flush=True)
+    return ok, [*lines, ""]
 
 
 def machine_lines() -> list[str]:
@@ -327,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
          lambda: benchmark_rows(("toy", "conv", "dense", "convbn"), steps, args.warmup, 10 if args.quick else 50, 16)),
         ("(e) GPU-bound workloads: throughput (blocks of steps, one synchronisation per block)",
          lambda: throughput_rows(THROUGHPUT_WORKLOADS, 5 if args.quick else 20, 2 if args.quick else 5)),
+        ("(f) Lightning FSDP fits with GradNormCallback(task_cosines=True) against strategy='auto'",
+         lambda: lightning_fsdp_fits(10 if args.quick else 20)),
     ]
     failed = []
     for title, part in parts:

@@ -493,14 +493,14 @@ class ProjectGradNorm(Method):
 
     def __init__(self, wl: Workload, model: MultiTaskNet, views: bool = False, mode: str = "auto",
                  name: str = "gradnorm-lightning GradNorm", reference: str | None = "W", sanitize: bool = False,
-                 update_every: int = 1) -> None:
+                 update_every: int = 1, task_cosines: bool = False) -> None:
         super().__init__(wl, model)
         from gradnorm_lightning import GradNorm, zero_nonfinite_grads_
 
         self._sanitize = zero_nonfinite_grads_ if sanitize else None
 
         self.gn = GradNorm(model.shared_layer, num_tasks=wl.num_tasks, update_every=update_every,
-                           **gradnorm_settings(wl, mode))
+                           task_cosines=task_cosines, **gradnorm_settings(wl, mode))
         if views:
             model.view_fn = self.gn.task_views
         self.name = name
@@ -545,6 +545,8 @@ def method_factories(include_project: bool | None = None, wl: Workload | None = 
                 wl, m, name="gradnorm-lightning default (losses list)")),
             ("gnl-views", lambda wl, m: ProjectGradNorm(
                 wl, m, views=True, name="gradnorm-lightning task_views")),
+            ("gnl-cosines", lambda wl, m: ProjectGradNorm(
+                wl, m, task_cosines=True, name="gradnorm-lightning task_cosines=True (default route)")),
             ("gnl-representation", lambda wl, m: ProjectGradNorm(
                 wl, m, views=True, mode="representation",
                 name="gradnorm-lightning mode=representation + task_views", reference="rep")),

@@ -149,13 +149,15 @@ def test_the_figure_shows_the_five_panels_and_names_the_tasks(tmp_path: Path) ->
         [tmp_path / "a"], ["toy"], {"task0": "σ = 1", "task1": "σ = 10", "task2": "σ = 100"}
     )
     # what GradNorm does, in reading order; no flat training-loss panel, no GradNorm-loss panel
-    assert titles == [p.title for p in PANELS]
+    # (and no cosine panel: the run logged no cosines)
+    assert titles == [p.title for p in PANELS if not p.pairs]
     assert [p.prefix for p in PANELS] == [
         "gradnorm/weight/",
         "weighted_grad_norm/",
         "gradnorm/grad_norm/",
         "gradnorm/loss_ratio/",
         "gradnorm/inverse_rate/",
+        "gradnorm/cosine/",
     ]
     assert texts == ["task0  (σ = 1)", "task1  (σ = 10)", "task2  (σ = 100)"]
     assert suptitle == "toy"

@@ -89,6 +89,9 @@ class Balancer(TaskState):
             statistics taken).
         freeze_after: after this many applied weight updates the weights stay fixed and nothing
             is measured any more (``None``: never); see :attr:`frozen`.
+        task_cosines: also compute the cosines between the tasks' gradients over the shared
+            layer's trainable parameters (``last_stats["cosines"]``, ``(T, T)``; see
+            :class:`~gradnorm_lightning.capture.Statistics`).
 
     Raises:
         TypeError: for arguments of the wrong type.
@@ -112,6 +115,7 @@ class Balancer(TaskState):
         "track_grad_norms": _flag,
         "update_every": _integer("update_every"),
         "freeze_after": _optional_integer("freeze_after"),
+        "task_cosines": _flag,
     }
 
     @classmethod
@@ -151,15 +155,17 @@ class Balancer(TaskState):
         recorder: Recorder | None = None,
         update_every: int = 1,
         freeze_after: int | None = None,
+        task_cosines: bool = False,
     ) -> None:
         self.shared_layer = _check_shared_layer(shared_layer)
         base = self.check_options(
             initial_losses=initial_losses, initial_loss_steps=initial_loss_steps, mode=mode,
             distributed=distributed, track_grad_norms=track_grad_norms, update_every=update_every,
-            freeze_after=freeze_after,
+            freeze_after=freeze_after, task_cosines=task_cosines,
         )
         self.update_every: int = base["update_every"]
         self.freeze_after: int | None = base["freeze_after"]
+        self.task_cosines: bool = base["task_cosines"]
         self.initial_losses = base["initial_losses"]
         self.initial_loss_steps: int = base["initial_loss_steps"]
         self.mode: str = base["mode"]
@@ -170,7 +176,8 @@ class Balancer(TaskState):
         self.device = params[0].device
         self.recorder = recorder if recorder is not None else Recorder(
             shared_layer, mode=self.mode, distributed=self.distributed,
-            measure_norms=self.needs_norms or self.track_grad_norms,
+            measure_norms=self.needs_norms or self.track_grad_norms or self.task_cosines,
+            task_cosines=self.task_cosines,
         )
         names: tuple[str, ...] | None = None
         if task_names is not None:
@@ -582,6 +589,8 @@ class Balancer(TaskState):
             "applied": applied,
             "route": stats.route,
         }
+        if stats.cosines is not None:  # (task_cosines=True)
+            self.last_stats["cosines"] = stats.cosines
         if stats.uncut is not None:  # tasks absent with a graph that the route could not cut off
             self.last_stats["uncut"] = stats.uncut
         if "loss" in logged:

@@ -81,9 +81,13 @@ class GradNorm(Balancer):
             forward hook) or ``"representation"`` (norms of the per-task gradients at the
             shared layer's output: an approximation of the paper's, cheapest).
         distributed: under ``torch.distributed`` with more than one process, ``"exact"``
-            all-reduces the per-task gradients of the shared layer (``T x |W|`` floats),
-            so the weights are those of the global batch; ``"approx"`` all-reduces only the
-            local norms and losses (``3T`` floats) and uses the mean of the local norms.
+            gives the norms of the global batch's gradient (the weights are those of one
+            process on the global batch, bitwise equal on every rank): per-task gradients are
+            reduce-scattered (at most ``(W-1)/W x T x |W|`` floats per rank), or, where cheaper,
+            a Linear's inputs and output gradients or an embedding's touched rows are
+            all-gathered (see :mod:`~gradnorm_lightning.capture.distributed`); ``"approx"``
+            all-reduces only the local norms and losses (``3T`` floats) and uses the mean of the
+            local norms.
         recorder: a :class:`~gradnorm_lightning.capture.Recorder` to use (default: one built
             from ``mode`` and ``distributed``).
         update_every: measure the statistics and update the weights on optimizer steps 0, k, 2k,
@@ -92,6 +96,13 @@ class GradNorm(Balancer):
             ``1 + (x - 1) / k`` plain steps where ``x`` is a measured step's cost.
         freeze_after: after this many applied weight updates the weights stay fixed and every
             step is a plain step (``None``: never); :attr:`frozen` can also be set by hand.
+        task_cosines: also compute the cosines between the tasks' gradients over the shared
+            layer's trainable parameters: ``last_stats["cosines"]``, a ``(T, T)`` matrix (NaN in
+            the row and column of a task absent from the step or with a zero gradient; under
+            ``mode="representation"``, the cosines of the gradients at the layer's output).
+            The norms then come from the same ``T x T`` Gram (its diagonal), which costs a
+            ``T x T`` product where the norms alone cost its diagonal. Exact under
+            ``distributed="exact"`` (the Gram of the averaged gradient).
 
     Raises:
         TypeError: for arguments of the wrong type.
@@ -165,10 +176,11 @@ class GradNorm(Balancer):
         recorder: Recorder | None = None,
         update_every: int = 1,
         freeze_after: int | None = None,
+        task_cosines: bool = False,
     ) -> None:
         own = self.check_options(**own_arguments(
             locals(), "shared_layer", "num_tasks", "task_names", "initial_losses", "initial_loss_steps", "mode",
-            "distributed", "recorder", "update_every", "freeze_after",
+            "distributed", "recorder", "update_every", "freeze_after", "task_cosines",
         ))
         self.alpha: float = own["alpha"]
         self.lr: float = own["lr"]
@@ -186,7 +198,7 @@ class GradNorm(Balancer):
         super().__init__(
             shared_layer, num_tasks, task_names=task_names, initial_losses=initial_losses,
             initial_loss_steps=initial_loss_steps, mode=mode, distributed=distributed, recorder=recorder,
-            update_every=update_every, freeze_after=freeze_after,
+            update_every=update_every, freeze_after=freeze_after, task_cosines=task_cosines,
         )
 
     def options(self) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from gradnorm_lightning._compat import accumulate_grad_type, apply_node
 from gradnorm_lightning.capture import norms
 from gradnorm_lightning.capture.calls import ViewBase
 from gradnorm_lightning.capture.routes import Plan, unreached_message
-from gradnorm_lightning.capture.stats import Accumulator, Factored, RowSparse, safe_norms
+from gradnorm_lightning.capture.stats import Accumulator, Factored, RowSparse
 
 __all__ = ["StepCapture"]
 
@@ -135,6 +135,7 @@ class StepCapture:
         cut: the tasks to cut off: task -> ``None`` (known absent on the host: zeros) or a
             0-dim bool tensor (``present_i`` on the device: ``where``).
         host_absent: the absent tasks as read on the host (where that is free), else ``None``.
+        calls_params: ``id -> (module index, name)`` of the parameters of this forward's calls.
     """
 
     def __init__(
@@ -150,8 +151,10 @@ class StepCapture:
         layer: Any = None,
         cut: dict[int, Tensor | None] | None = None,
         host_absent: list[bool] | None = None,
+        calls_params: dict[int, tuple[int, str]] | None = None,
     ) -> None:
         self.plan = plan
+        self.calls_params = calls_params or {}
         self.modules = tuple(modules)
         self.layer = layer if layer is not None else self.modules[0]
         self.losses: list[Tensor | None] = list(losses)
@@ -256,6 +259,7 @@ class StepCapture:
         self.scale = as_dtype(scale if scale.dim() == 0 else scale.reshape(()), acc.dtype)
         acc.add_losses(self.values, self.present, self.scale)
         acc.routes.append(self.plan.route)
+        acc.param_keys.update(self._param_keys())
         self._count_absent(acc)
         route = self.plan.route
         try:
@@ -276,6 +280,13 @@ class StepCapture:
         except BaseException:
             self._finish()
             raise
+
+    def _param_keys(self) -> dict[int, tuple[int, str]]:
+        """``id -> (module index, name)`` of the parameters this step's statistics may cover: the
+        calls' (under FSDP2 the gathered parameters the forward used, not the shards), else the modules'."""
+        if self.calls_params:
+            return self.calls_params
+        return {id(p): (i, n) for i, m in enumerate(self.modules) for n, p in m.named_parameters()}
 
     def _count_absent(self, acc: Accumulator) -> None:
         """Count this pass's absent tasks, and those whose absent backward cannot be cut off."""
@@ -514,7 +525,7 @@ class StepCapture:
             stacked = buffer.stacked(self.num_tasks, self._batch_major)
             grads = base.cut(stacked) if base is not None else stacked  # a rebased view: its part of the base's
             if self.plan.representation:
-                acc.add_rep_norms(torch.where(self.present, safe_norms(grads.to(dtype), self.present), 0.0))
+                acc.add_rep(grads, self.present)
                 continue
             result = None
             rule = self.plan.rules.get(index)

@@ -154,8 +154,12 @@ def output_tensors(output: Any) -> Iterator[Tensor]:
 
 
 def make_call(module: nn.Module, inputs: tuple[Any, ...], output: Any, index: int = 0,
-              start: int | None = None) -> LayerCall | None:
-    """The :class:`LayerCall` of one forward, or ``None`` when it built no graph."""
+              start: int | None = None,
+              params: tuple[tuple[str, nn.Parameter], ...] | None = None) -> LayerCall | None:
+    """The :class:`LayerCall` of one forward, or ``None`` when it built no graph.
+
+    ``params``: the module's trainable parameters as the call began (default: as it ended).
+    """
     outs = [t for t in output_tensors(output) if t.requires_grad and t.grad_fn is not None]
     if not outs:
         return None
@@ -164,7 +168,7 @@ def make_call(module: nn.Module, inputs: tuple[Any, ...], output: Any, index: in
         inputs=tensors,
         input_versions=tuple(tensor_version(t) for t in tensors),
         edges=tuple(get_gradient_edge(t) for t in outs),
-        params=tuple((n, p) for n, p in module.named_parameters() if p.requires_grad),
+        params=params if params is not None else _trainable(module),
         outputs=tuple((t.detach(), tensor_version(t)) for t in outs),
         bases=tuple(_view_base(t) for t in outs),
         module=index,
@@ -172,6 +176,10 @@ def make_call(module: nn.Module, inputs: tuple[Any, ...], output: Any, index: in
         saved_hooks=saved_tensor_hooks_active(),
         input_edges=tuple(get_gradient_edge(t) for t in inputs if isinstance(t, Tensor) and t.requires_grad),
     )
+
+
+def _trainable(module: nn.Module) -> tuple[tuple[str, nn.Parameter], ...]:
+    return tuple((n, p) for n, p in module.named_parameters() if p.requires_grad)
 
 
 #: ``sink(index, call)``: a call of shared module ``index``; ``call`` is ``None`` for a call
@@ -194,24 +202,30 @@ class CallHooks:
         self._ref = weak_callable(sink) if sink is not None else None
         self.index = index
         self._start: int | None = None
+        self._params: tuple[tuple[str, nn.Parameter], ...] | None = None
 
     # Never traced by torch.compile: the recorded edges must be those of the tensors the
     # losses really depend on (costs one graph break at the shared layer).
     @torch.compiler.disable
     def pre(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        """The forward pre-hook: where the call begins in autograd's creation order."""
+        """The forward pre-hook: where the call begins in autograd's creation order, and the
+        parameters the forward is about to use (under FSDP2, ``fully_shard``'s own pre-hook, which
+        runs first, has swapped in the gathered, unsharded parameters; its post-hook swaps the
+        sharded ``DTensor`` s back before this class's post-hook runs)."""
         self._start = next_sequence_nr()
+        self._params = _trainable(module)
 
     @torch.compiler.disable
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         sink = self._ref() if self._ref is not None else None
         start, self._start = self._start, None
+        params, self._params = self._params, None
         if sink is None or in_backward():
             return
         if not torch.is_grad_enabled():
             sink(self.index, None)
             return
-        call = make_call(module, inputs, output, self.index, start)
+        call = make_call(module, inputs, output, self.index, start, params)
         if call is not None:
             sink(self.index, call)
 

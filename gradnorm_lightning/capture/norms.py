@@ -140,13 +140,15 @@ def _conv_rule(layer: nn.Module, call: LayerCall, grads: Tensor, dtype: torch.dt
     spatial = layer.weight.dim() - 2
     if h.dim() == spatial + 1:  # unbatched input
         h, grads = h.unsqueeze(0), grads.unsqueeze(1)
-    weight = layer.weight.detach()
+    # the weight's values are not read (no input gradient is asked for): only its shape, from a
+    # tensor of zeros without storage; under FSDP2 ``layer.weight`` may be a shard by now
+    weight = grads.new_zeros(()).expand(layer.weight.shape)
     mask = ["weight" in names, "bias" in names]
-    bias_sizes = [weight.shape[0]] if mask[1] else None
+    bias_sizes = [layer.out_channels] if mask[1] else None
 
     def backward(g: Tensor) -> tuple[Tensor, ...]:
         _, dw, db = torch.ops.aten.convolution_backward(
-            g, h.to(g.dtype), weight.to(g.dtype), bias_sizes, layer.stride, layer.padding, layer.dilation,
+            g, h.to(g.dtype), weight, bias_sizes, layer.stride, layer.padding, layer.dilation,
             False, [0] * spatial, layer.groups, [False, *mask],
         )
         return tuple(t for t, m in zip((dw, db), mask) if m)

@@ -47,7 +47,7 @@ from gradnorm_lightning import _arrays
 from gradnorm_lightning._arrays import as_dtype
 from gradnorm_lightning.capture.backward import StepCapture
 from gradnorm_lightning.capture.calls import CallHooks, LayerCall
-from gradnorm_lightning.capture.distributed import reduce_statistics
+from gradnorm_lightning.capture.distributed import reduce_statistics, world_size
 from gradnorm_lightning.capture.routes import Plan, RoutePlanner, describe
 from gradnorm_lightning.capture.stats import Accumulator
 from gradnorm_lightning.capture.views import fan_out
@@ -74,6 +74,10 @@ class Statistics:
         uncut: ``(T,)`` bool, tasks absent with a graph on a route that could not cut their
             backward off (``None``: none was): non-finite values it wrote into gradients other
             tasks share have to be zeroed, and what the present tasks contributed there is lost.
+        cosines: ``(T, T)`` cosines between the tasks' gradients over the shared layer's
+            trainable parameters (``task_cosines=True``; else ``None``): NaN in the row and
+            column of a task absent from the step or whose gradient is zero. Under
+            ``mode="representation"``, between the gradients at the layer's output.
     """
 
     grad_norms: Tensor
@@ -82,6 +86,7 @@ class Statistics:
     route: str
     absent: Tensor | None = None
     uncut: Tensor | None = None
+    cosines: Tensor | None = None
 
 
 class _ViewsLink:
@@ -129,6 +134,9 @@ class Recorder:
         distributed: ``"exact"`` or ``"approx"`` (see :mod:`~gradnorm_lightning.capture.distributed`).
         measure_norms: ``False`` records only the losses (a strategy that needs no norms).
         walk_budget: the most graph nodes the heads' walk expands before falling back.
+        task_cosines: also compute the cosines between the tasks' gradients (the whole ``T x T``
+            Gram of the per-task gradients instead of its diagonal; the norms then come from the
+            same Gram).
 
     Example::
 
@@ -154,17 +162,20 @@ class Recorder:
         distributed: str = "exact",
         measure_norms: bool = True,
         walk_budget: int = 4096,
+        task_cosines: bool = False,
     ) -> None:
         self.layer = layer
         self.modules = shared_modules(layer)
         self.mode = mode
         self.distributed = distributed
         self.measure_norms = measure_norms
+        self.task_cosines = bool(task_cosines)
         #: whether this step's statistics are measured (a balancer sets it ``False`` on steps
         #: that update no weights: the backward then records only the losses, while an absent
         #: task's gradient is still cut off)
         self.measuring = True
         self._calls: list[LayerCall] = []
+        self._numels: dict[tuple[int, str], int] = {}  # each shared parameter's size as a call used it
         self._nograd_calls = 0
         self._views: _ViewsLink | None = None
         self._captures: list[StepCapture] = []
@@ -231,6 +242,8 @@ class Recorder:
         if len(self._calls) >= _MAX_CALLS:
             del self._calls[0]
         self._calls.append(call)
+        for name, p in call.params:  # (the full sizes: in the forward even FSDP's parameters are whole)
+            self._numels[(index, name)] = p.numel()
 
     # ------------------------------------------------------------------ forward side
     def views(self, z: Tensor, num_tasks: int) -> tuple[Tensor, ...]:
@@ -245,7 +258,7 @@ class Recorder:
 
     def _accumulator(self, like: Tensor, num_tasks: int) -> Accumulator:
         if self._acc is None:
-            self._acc = Accumulator(num_tasks, self._dtype, like.device)
+            self._acc = Accumulator(num_tasks, self._dtype, like.device, cosines=self.task_cosines)
         return self._acc
 
     def record(
@@ -295,6 +308,7 @@ class Recorder:
         capture = StepCapture(
             plan, self.modules, losses, values, present, weights, lambda: self._accumulator(values, num_tasks), names,
             layer=self.layer, cut=cut, host_absent=host_absent,
+            calls_params={id(p): (c.module, n) for c in calls for n, p in c.params},
         )
         if link is not None and plan.route == "views":
             link.capture = capture
@@ -395,7 +409,11 @@ class Recorder:
                 "back-propagate the combined loss through the whole model (no `inputs=` restricting it) "
                 "before the update."
             )
-        norms, losses, present = reduce_statistics(acc, self.distributed)
+        reduced = reduce_statistics(
+            acc, self.distributed, representation=self.mode == "representation",
+            measured=self.measure_norms and self.measuring, layout=self._layout() if world_size() > 1 else (),
+        )
+        norms, losses, present = reduced.norms, reduced.losses, reduced.present
         if self._weights is not None:
             norms = norms / as_dtype(self._weights, norms.dtype)
         if grad_scale is not None:
@@ -403,7 +421,15 @@ class Recorder:
                 grad_scale = grad_scale.to(device=norms.device, dtype=norms.dtype)
             norms = norms / grad_scale
         route = "+".join(dict.fromkeys(acc.routes)) or "none"
-        return Statistics(norms, losses, present, route, acc._absent, acc._uncut)
+        return Statistics(norms, losses, present, route, acc._absent, acc._uncut, reduced.cosines)
+
+    def _layout(self) -> list[tuple[int, str, int, bool]]:
+        """Every parameter of the shared modules, ``(module index, name, numel, requires grad)``:
+        how the exact DDP reduction names them across processes. The size is the full one, as the
+        forward used it: outside the forward an FSDP1 parameter (``use_orig_params=True``) is this
+        rank's part of the flat shard, whose size differs between ranks."""
+        return [(i, n, self._numels.get((i, n), p.numel()), p.requires_grad)
+                for i, m in enumerate(self.modules) for n, p in m.named_parameters()]
 
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict[str, Any]:

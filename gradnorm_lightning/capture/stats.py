@@ -16,6 +16,9 @@ any norm is taken. They come in one of two forms:
 Each piece covers its own parameters (one shared module's, or every shared parameter for the
 generic rule); pieces of disjoint parameters combine by the square root of the sum of their
 squared norms, pieces of the same parameters from several backward passes are summed first.
+With ``task_cosines`` each piece gives its ``T x T`` Gram instead
+(:mod:`~gradnorm_lightning.capture.gram`): Grams of disjoint pieces add, and the norms are the
+square roots of the total's diagonal.
 
 Norms are right to rounding for every finite gradient in float32 (no overflow of a sum of
 squares, no loss to subnormal squares): the factors (or rows) are first scaled to at most 1 in
@@ -26,49 +29,22 @@ and the scaled one only where the plain result shows it is needed.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import Tensor
 
 from gradnorm_lightning import _arrays
 from gradnorm_lightning._arrays import as_dtype
+from gradnorm_lightning.capture._scale import accurate_on_host, inverse_peak
+from gradnorm_lightning.capture.gram import Gram, dense_gram, factored_gram
 
-__all__ = ["Accumulator", "Factored", "RowSparse", "safe_norms"]
-
-
-def _inverse_peak(x: Tensor, dims: tuple[int, ...] | None = None, floor: float | None = None) -> Tensor:
-    """``1 / max |x|`` over ``dims`` (the largest entry of ``x * scale`` is 1), finite for ``x == 0``."""
-    peak = x.abs().amax(dim=dims) if dims is not None else x.abs().amax()
-    return peak.clamp_min(floor if floor is not None else torch.finfo(x.dtype).tiny).reciprocal()
-
-
-def _accurate_on_host(norms: Tensor, count: int, present: Tensor | list[bool] | None) -> bool:
-    """Whether plain (unscaled) norms are right to rounding, read on the host: only where that is free.
-
-    A plain norm is wrong when a sum of squares overflowed (then it is not finite) or when the
-    squares fell into the subnormal range (then the norm is below ``sqrt(count * tiny / eps)``:
-    what ``count`` subnormal squares can lose is then under one rounding error). Tasks outside
-    ``present`` (a tensor, or its values already read) do not count. On a device where reading
-    a value would synchronise, this is ``False``: the scaled formulas are used there unconditionally.
-    """
-    if norms.dtype == torch.float64:
-        return True
-    if not _arrays.host_reads_free(norms.device):
-        return False
-    info = torch.finfo(norms.dtype)
-    floor = math.sqrt(max(count, 1) * info.tiny / info.eps)
-    # (in Python on the listed values: right after a large product, a few small tensor
-    # operations cost far more than reading T numbers)
-    values = norms.tolist()
-    mask = present.tolist() if isinstance(present, Tensor) else present or [True] * len(values)
-    return all(floor < v < math.inf for v, m in zip(values, mask) if m)
+__all__ = ["Accumulator", "Factored", "Gram", "RowSparse", "safe_norms"]
 
 
 def safe_norms(grads: Tensor, present: Tensor | None = None) -> Tensor:
     """Row-wise 2-norms of ``grads`` ``(T, ...)``, right to rounding for every finite input.
 
-    The plain norm is kept where it is right (see :func:`_accurate_on_host`); otherwise every
+    The plain norm is kept where it is right (see :func:`~gradnorm_lightning.capture._scale.accurate_on_host`); otherwise every
     row is first scaled to a largest entry of 1, so that its squares neither overflow nor
     underflow. Rows outside ``present`` may be anything.
 
@@ -82,9 +58,9 @@ def safe_norms(grads: Tensor, present: Tensor | None = None) -> Tensor:
         return flat.new_zeros(flat.shape[0])
     if flat.dtype == torch.float64 or _arrays.host_reads_free(flat.device):
         plain = torch.linalg.vector_norm(flat, dim=1)
-        if _accurate_on_host(plain, flat.shape[1], present):
+        if accurate_on_host(plain, flat.shape[1], present):
             return plain
-    scale = _inverse_peak(flat, (1,))
+    scale = inverse_peak(flat, (1,))
     return torch.linalg.vector_norm(flat * scale[:, None], dim=1) / scale
 
 
@@ -139,12 +115,12 @@ class Factored:
         rows = self.rows
         if grads.dtype == torch.float64 or _arrays.host_reads_free(grads.device):
             plain = self._product_norms(grads, rows, None, None)
-            if _accurate_on_host(plain, rows.shape[1] * grads.shape[2], listed if listed is not None else self.present):
+            if accurate_on_host(plain, rows.shape[1] * grads.shape[2], listed if listed is not None else self.present):
                 return plain
         # every task's gradients and the rows scaled to at most 1 in magnitude (the rows' scale
         # at most 1 too, for the bias's column of ones): no product or square can overflow
-        g_scale = _inverse_peak(grads.transpose(0, 1), (0, 2))
-        h_scale = _inverse_peak(rows, floor=1.0)
+        g_scale = inverse_peak(grads.transpose(0, 1), (0, 2))
+        h_scale = inverse_peak(rows, floor=1.0)
         return self._product_norms(grads, rows, g_scale, h_scale) / g_scale / h_scale
 
     def _product_norms(self, grads: Tensor, rows: Tensor, g_scale: Tensor | None, h_scale: Tensor | None) -> Tensor:
@@ -177,6 +153,10 @@ class Factored:
             gram_h = gram_h + (1.0 if h_scale is None else h_scale.square())
         gram_g = torch.bmm(grads, grads.transpose(1, 2))
         return (gram_g * gram_h).sum(dim=(1, 2)).clamp_min(0).sqrt()
+
+    def gram(self, diagonal: bool = False) -> Gram:
+        """The per-task Gram ``<dW_a, dW_b>`` (absent tasks' rows and columns zero), overflow-safe."""
+        return factored_gram(self.rows, self.grads, self.weight, self.bias, self.present, diagonal)
 
     @staticmethod
     def cat(blocks: list[Factored]) -> Factored:
@@ -221,6 +201,10 @@ class RowSparse:
     def norms(self, present: Tensor | None = None) -> Tensor:
         """``||dW_t||`` for every task, overflow-safe."""
         return safe_norms(self._summed(), present)
+
+    def gram(self, present: Tensor | None = None, diagonal: bool = False) -> Gram:
+        """The per-task Gram over the touched rows (repeats summed first), overflow-safe."""
+        return dense_gram(self._summed(), present, diagonal)
 
     def dense(self) -> Tensor:
         """The ``(T, V * D)`` gradients (the whole table: for reductions only)."""
@@ -288,6 +272,24 @@ class _Piece:
         assert self.dense is not None
         return self.dense
 
+    @property
+    def form(self) -> str:
+        """``"factored"`` or ``"sparse"`` when everything is in that one form, else ``"dense"``."""
+        kinds = bool(self.factored) + bool(self.sparse) + (self.dense is not None)
+        if kinds == 1 and self.factored:
+            return "factored"
+        if kinds == 1 and self.sparse:
+            return "sparse"
+        return "dense"
+
+    def gram(self, present: Tensor, diagonal: bool = False) -> Gram:
+        form = self.form
+        if form == "factored":
+            return Factored.cat(self.factored).gram(diagonal)
+        if form == "sparse":
+            return RowSparse.cat(self.sparse).gram(present, diagonal)
+        return dense_gram(self.to_dense(), present, diagonal)
+
     def norms(self, present: Tensor) -> Tensor:
         kinds = bool(self.factored) + bool(self.sparse) + (self.dense is not None)
         if kinds == 1 and self.factored:
@@ -304,18 +306,24 @@ class Accumulator:
         num_tasks: ``T``.
         dtype: the dtype of the statistics (float64 for float64 layers, else float32).
         device: their device.
+        cosines: whether the full ``T x T`` Gram is wanted (the task-gradient cosines), not only
+            its diagonal (the squared norms).
     """
 
-    def __init__(self, num_tasks: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, num_tasks: int, dtype: torch.dtype, device: torch.device, cosines: bool = False) -> None:
         self.num_tasks, self.dtype, self.device = num_tasks, dtype, device
+        self.cosines = cosines
         # each backward pass's (loss values, presence, scale c): combined when read
         self._passes: list[tuple[Tensor, Tensor, Tensor]] = []
         self._sums: tuple[Tensor, Tensor] | None = None
         self._absent: Tensor | None = None
         self._uncut: Tensor | None = None
         self._pieces: dict[object, _Piece] = {}
-        self.rep_norms: Tensor | None = None
+        self.rep: Gram | None = None  # mode="representation": the Gram at the layer's output
         self.routes: list[str] = []
+        #: a canonical name of each parameter the pieces cover, by id: ``(module index, name)``
+        #: (the same on every process, where the ids differ)
+        self.param_keys: dict[int, tuple[int, str]] = {}
 
     def _zeros(self) -> Tensor:
         return torch.zeros(self.num_tasks, dtype=self.dtype, device=self.device)
@@ -411,14 +419,35 @@ class Accumulator:
         merged.dense = dense
         self._pieces = {"params": merged}
 
-    def add_rep_norms(self, norms: Tensor) -> None:
-        """Add the norms of per-task gradients at the representation of disjoint rows."""
-        self.rep_norms = norms if self.rep_norms is None else torch.hypot(self.rep_norms, norms)
+    def add_rep(self, grads: Tensor, present: Tensor) -> None:
+        """Add per-task gradients ``(T, ...)`` at the representation (rows disjoint from those
+        added before: their Grams add)."""
+        gram = dense_gram(grads.to(self.dtype), present, diagonal=not self.cosines)
+        self.rep = gram if self.rep is None else Gram.total([self.rep, gram])
+
+    @property
+    def rep_norms(self) -> Tensor | None:
+        """``mode="representation"``: the norms at the layer's output (``None`` when not recorded)."""
+        return None if self.rep is None else self.rep.norms()
 
     @property
     def measured(self) -> bool:
         """Whether any per-task gradient statistics were recorded."""
-        return bool(self._pieces) or self.rep_norms is not None
+        return bool(self._pieces) or self.rep is not None
+
+    def pieces(self) -> list[tuple[tuple[int, ...], _Piece]]:
+        """The pieces recorded: ``(parameter ids, piece)``, in the order they were first recorded."""
+        return [(piece.params, piece) for piece in self._pieces.values()]
+
+    def gram(self) -> Gram | None:
+        """This process's Gram over every piece (its diagonal only unless :attr:`cosines`), or
+        ``None`` when nothing was measured."""
+        if self.rep is not None:
+            return self.rep
+        if not self._pieces:
+            return None
+        present = self._present()  # (tasks absent from every pass do not count)
+        return Gram.total([piece.gram(present, not self.cosines) for piece in self._pieces.values()])
 
     def dense_grads(self) -> Tensor | None:
         """The accumulated ``(T, P)`` gradients over every piece's parameters (materialised), or ``None``."""
@@ -428,8 +457,8 @@ class Accumulator:
 
     def norms(self) -> Tensor:
         """The per-task norms of the accumulated gradients on this process (NaN if not measured)."""
-        if self.rep_norms is not None:
-            return self.rep_norms
+        if self.rep is not None:
+            return self.rep.norms()
         if not self._pieces:
             return torch.full((self.num_tasks,), float("nan"), dtype=self.dtype, device=self.device)
         present = self._present()  # (tasks absent from every pass do not count)

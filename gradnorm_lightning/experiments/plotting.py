@@ -4,7 +4,7 @@ A run folder of ``gradnorm-train`` holds ``metrics.csv`` (written by
 :class:`~gradnorm_lightning.experiments.recorder.MetricsRecorder` whatever the logger); any
 folder with one Lightning ``CSVLogger`` file below it works too. From its ``gradnorm/*``
 columns (logged by :class:`~gradnorm_lightning.GradNormCallback` and the baselines'
-callbacks), :func:`plot_runs` draws five panels, per task over the training steps:
+callbacks), :func:`plot_runs` draws five panels (six with cosines), per task over the training steps:
 
 * the task weights ``w_i`` (``gradnorm/weight/<task>``);
 * the weighted gradient norms ``w_i ||grad_W L_i||``: what GradNorm balances; one band
@@ -13,7 +13,9 @@ callbacks), :func:`plot_runs` draws five panels, per task over the training step
   tasks are without the weights;
 * the loss ratios ``L_i(t) / L_i(0)`` (``gradnorm/loss_ratio/<task>``): each task's progress;
 * the inverse training rates ``r_i`` (``gradnorm/inverse_rate/<task>``): above 1, a task is
-  behind the others and GradNorm raises its weight.
+  behind the others and GradNorm raises its weight;
+* with ``task_cosines=True``, the cosines between the tasks' gradients, one line per pair
+  (``gradnorm/cosine/<a>/<b>``): below 0, the pair conflicts.
 
 The sixth place holds the legend: each task with what the experiment knows about it (the
 ``task_descriptions`` of the run's ``summary.json``, e.g. ``σ = 10`` on the paper's toy) and,
@@ -74,6 +76,7 @@ class _Panel:
     hint: str  # what to look for, one short line under the title
     prefix: str  # column prefix of the per-task series
     reference: float | None = None  # a horizontal line (e.g. r_i = 1)
+    pairs: bool = False  # one series per pair of tasks (``<prefix><a>/<b>``), not per task
 
 
 PANELS = (
@@ -99,6 +102,13 @@ PANELS = (
         "above 1: behind the others, its weight grows",
         "gradnorm/inverse_rate/",
         reference=1.0,
+    ),
+    _Panel(
+        "task-gradient cosine (pair a/b)",
+        "below 0: the pair's gradients conflict",
+        "gradnorm/cosine/",
+        reference=0.0,
+        pairs=True,
     ),
 )
 """The panels, in reading order (left to right, top to bottom)."""
@@ -204,10 +214,11 @@ def _pyplot() -> Any:
 
 
 def _panel_series(metrics: Mapping[str, Series], panel: _Panel) -> dict[str, Series]:
+    slashes = 1 if panel.pairs else 0  # (a pair's key is `<prefix><a>/<b>`)
     return {
         key[len(panel.prefix) :]: series
         for key, series in metrics.items()
-        if key.startswith(panel.prefix) and "/" not in key[len(panel.prefix) :]
+        if key.startswith(panel.prefix) and key[len(panel.prefix) :].count("/") == slashes
     }
 
 
@@ -279,9 +290,11 @@ def draw_runs(
             "Nothing to plot: no gradnorm/weight, grad_norm, loss_ratio, inverse_rate "
             "or train/loss/<task> columns"
         )
-    tasks = sorted({t for m in runs for p in panels for t in _panel_series(m, p)}, key=_natural_key)
+    tasks = sorted({t for m in runs for p in panels if not p.pairs for t in _panel_series(m, p)}, key=_natural_key)
     cmap = plt.get_cmap("tab10" if len(tasks) <= 10 else "tab20")
     colors = {t: cmap(i % cmap.N) for i, t in enumerate(tasks)}
+    pairs = sorted({t for m in runs for p in panels if p.pairs for t in _panel_series(m, p)}, key=_natural_key)
+    colors.update({t: plt.get_cmap("Dark2")(i % 8) for i, t in enumerate(pairs)})
     styles = list(itertools.islice(itertools.cycle(_LINESTYLES), len(runs)))
 
     ncols = min(3, len(panels) + 1)
@@ -296,7 +309,9 @@ def draw_runs(
                 drawn.append(values)
         if panel.reference is not None:
             ax.axhline(panel.reference, color="0.4", lw=0.8, ls=(0, (1, 2)), zorder=0)
-        if _use_log_scale(drawn):
+        if panel.pairs:
+            ax.set_ylim(-1.05, 1.05)
+        elif _use_log_scale(drawn):
             ax.set_yscale("log")
         ax.set_title(f"{panel.title}\n", fontsize="medium")
         ax.text(0.5, 1.02, panel.hint, transform=ax.transAxes, ha="center", va="bottom",
@@ -312,6 +327,7 @@ def draw_runs(
         line([], [], color=colors[t], lw=2, label=f"{t}  ({descriptions[t]})" if t in descriptions else t)
         for t in tasks
     ]
+    handles += [line([], [], color=colors[t], lw=2, label=f"cosine {t}") for t in pairs]
     if len(runs) > 1:
         handles += [
             line([], [], color="black", linestyle=style, label=f"{label} ({name})")

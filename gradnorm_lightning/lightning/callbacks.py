@@ -261,6 +261,12 @@ class WeightingCallback(Callback):
         for key, stat in _TASK_KEYS:
             for name, value in zip(balancer.task_names, stats[stat].unbind()):
                 metrics[f"gradnorm/{key}/{name}"] = value
+        cosines = stats.get("cosines")
+        if cosines is not None:  # (task_cosines=True) each pair once, a before b in task order
+            names = balancer.task_names
+            for a in range(len(names)):
+                for b in range(a + 1, len(names)):
+                    metrics[f"gradnorm/cosine/{names[a]}/{names[b]}"] = cosines[a, b]
         metrics["gradnorm/empty_steps"] = balancer.empty_steps
         metrics["gradnorm/updates"] = balancer.num_updates
         metrics["gradnorm/frozen"] = balancer.num_updates.new_tensor(float(balancer.frozen))
@@ -356,10 +362,12 @@ class GradNormCallback(WeightingCallback):
     ``gradnorm/inverse_rate/<task>``, ``gradnorm/skipped/<task>``, ``gradnorm/loss``,
     ``gradnorm/empty_steps``, ``gradnorm/zero_initial_loss_steps``, ``gradnorm/nonfinite_grad_steps``,
     ``gradnorm/lost_grad_steps``, ``gradnorm/updates`` (weight updates applied), ``gradnorm/frozen``
-    and, when ``lr_decay_rate != 1``, ``gradnorm/lr`` (the weight optimizer's learning rate). Its state (weights, ``L(0)``, weight-optimizer state,
-    counters) is saved in checkpoints. On a logging step it warns once if the weights keep
-    hitting the floor or jumping, or if a task's first loss was 0. The balancer follows the
-    model's precision: float64 under ``precision="64-true"``, float32 otherwise.
+    and, when ``lr_decay_rate != 1``, ``gradnorm/lr`` (the weight optimizer's learning rate); with
+    ``task_cosines=True`` also ``gradnorm/cosine/<a>/<b>`` for each pair of tasks (``a`` before ``b``
+    in task order; NaN on a step where either task is absent). Its state (weights, ``L(0)``,
+    weight-optimizer state, counters) is saved in checkpoints. On a logging step it warns once if
+    the weights keep hitting the floor or jumping, or if a task's first loss was 0. The balancer
+    follows the model's precision: float64 under ``precision="64-true"``, float32 otherwise.
 
     Args:
         alpha: asymmetry: how strongly slower tasks are pushed (``>= 0``; the paper uses
@@ -385,6 +393,8 @@ class GradNormCallback(WeightingCallback):
         freeze_after: after this many applied weight updates the weights stay fixed and every
             step is a plain step (``None``: never); :attr:`WeightingCallback.frozen` can also be
             set by hand.
+        task_cosines: compute and log the cosines between the tasks' gradients over the shared
+            layer's parameters (see :class:`~gradnorm_lightning.GradNorm`).
         log: log the statistics to the Trainer's logger.
         sanitize_grads: see :class:`WeightingCallback`.
 
@@ -420,6 +430,7 @@ class GradNormCallback(WeightingCallback):
         distributed: str = "exact",
         update_every: int = 1,
         freeze_after: int | None = None,
+        task_cosines: bool = False,
         log: bool = True,
         sanitize_grads: bool = True,
     ) -> None:
