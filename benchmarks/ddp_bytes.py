@@ -77,7 +77,7 @@ def legacy_reduce(acc: Any, mode: str, **_: Any) -> Any:
     buf = torch.cat([dense.flatten(), acc.loss_sum, acc.loss_weight])
     dist.all_reduce(buf)
     grads = buf[: dense.numel()].reshape(n, -1) / world
-    return Reduced(safe_norms(grads, buf[-n:] > 0), buf[-2 * n : -n], buf[-n:])
+    return Reduced.summed(safe_norms(grads, buf[-n:] > 0), buf[-2 * n : -n], buf[-n:])
 
 
 # ---------------------------------------------------------------------- counting

@@ -49,6 +49,28 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+#: What a distributed launch leaves in the environment (Lightning's ``ddp_spawn`` sets them in the
+#: parent process).
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",
+            "GROUP_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dist_env() -> Iterator[None]:
+    """Every test starts and ends without a launch's ``MASTER_PORT`` & co.: a later launch that
+    inherited them would bind a port an earlier one may still hold in this process (a process
+    group's store outlives its group here), and fail with EADDRINUSE or wait until a timeout."""
+    import os
+
+    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        for k in DIST_ENV:
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+
+
 def compose_train_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``train.yaml`` with ``overrides`` (no shrinking), Hydra config included.
 

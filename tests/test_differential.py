@@ -148,6 +148,7 @@ class Run:
     routes: list[Any]  # last_stats.get("route") per step (None when absent or no GradNorm)
     params: list[Tensor]  # the model's parameters after the run
     uncut: list[Tensor | None] = dataclasses.field(default_factory=list)  # last_stats.get("uncut") per step
+    cosines: Tensor | None = None  # (STEPS, T, T) task-gradient cosines (NaN rows/columns: absent or zero)
 
 
 # ---------------------------------------------------------------------- the reference
@@ -166,6 +167,14 @@ def reference_update(
     new = w.clone()
     new[idx] = floored(stepped, budget, MIN_WEIGHT)
     return new
+
+
+def gram_cosines(gram: Tensor) -> Tensor:
+    """Cosines from a ``(T, T)`` Gram: NaN in the rows and columns of zero-norm tasks."""
+    d = gram.diagonal().sqrt()
+    cos = gram / d[:, None] / d[None, :]
+    zero = d == 0
+    return cos.masked_fill(zero[:, None] | zero[None, :], float("nan"))
 
 
 def _dense_grads(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
@@ -215,7 +224,7 @@ def reference_run(spec: Spec, given_norms: Tensor | None = None) -> Run:
     t, k = spec.num_tasks, spec.accumulate
     w = torch.ones(t, dtype=F64)
     l0 = torch.full((t,), float("nan"), dtype=F64)
-    out_w, out_n, out_p = [], [], []
+    out_w, out_n, out_p, out_c = [], [], [], []
     for step, micro in enumerate(step_batches(spec)):
         model.before_step(step)
         params = [p for p in model.shared.parameters() if p.requires_grad]
@@ -240,7 +249,9 @@ def reference_run(spec: Spec, given_norms: Tensor | None = None) -> Run:
             (model_loss / k if k > 1 else model_loss).backward()
         present = count > 0
         assert present.tolist() == spec.present(step)
-        norms = torch.stack([torch.cat([g.reshape(-1) for g in summed[i]]).norm() for i in range(t)])
+        flat = torch.stack([torch.cat([g.reshape(-1) for g in summed[i]]) for i in range(t)])
+        norms = flat.norm(dim=1)
+        out_c.append(gram_cosines(flat @ flat.T))
         if given_norms is not None:
             norms = given_norms[step]
         values = torch.where(present, loss_sum / count.clamp_min(1), 0.0)
@@ -251,7 +262,7 @@ def reference_run(spec: Spec, given_norms: Tensor | None = None) -> Run:
         out_n.append(norms)
         out_p.append(present)
     return Run(torch.stack(out_w), torch.stack(out_n), torch.stack(out_p), [None] * STEPS,
-               [p.detach().clone() for p in model.parameters()])
+               [p.detach().clone() for p in model.parameters()], cosines=torch.stack(out_c))
 
 
 # ---------------------------------------------------------------------- runs with GradNorm
@@ -259,18 +270,20 @@ ProbeFn = Callable[[ZooModel, Any], Tensor]
 
 
 def gradnorm_run(spec: Spec, mode: str, views: bool = False, probe: ProbeFn | None = None,
-                 device: str = "cpu", sanitize: bool = False) -> tuple[Run, Tensor | None]:
+                 device: str = "cpu", sanitize: bool = False, task_cosines: bool = False) -> tuple[Run, Tensor | None]:
     """The run with ``GradNorm(mode=mode)`` on ``device``: per micro-batch
     ``(gn.combine(losses) / k).backward()`` (no division for ``k = 1``), then one ``gn.step()``
     and one SGD step of the model. ``probe(model, batch)`` (optional) computes reference norms
     per micro-batch from the model as it is at the start of the step (``(STEPS, k, T)``);
     ``sanitize``: zero the non-finite gradients before the model's step (a route that cannot cut
-    an absent task off). The run's records are float64 on the CPU."""
+    an absent task off); ``task_cosines``: record ``last_stats["cosines"]`` as well. The run's
+    records are float64 on the CPU."""
     model = _fresh_model(spec).to(device)
     t, k = spec.num_tasks, spec.accumulate
-    gn = GradNorm(model.shared_layer, num_tasks=t, alpha=ALPHA, lr=LR, optimizer="sgd", mode=mode)
+    gn = GradNorm(model.shared_layer, num_tasks=t, alpha=ALPHA, lr=LR, optimizer="sgd", mode=mode,
+                  task_cosines=task_cosines)
     opt = torch.optim.SGD(model.parameters(), lr=MODEL_LR)
-    out_w, out_n, routes, uncut, probed = [], [], [], [], []
+    out_w, out_n, routes, uncut, probed, cosines = [], [], [], [], [], []
     for step, micro in enumerate(step_batches(spec)):
         model.before_step(step)
         opt.zero_grad()
@@ -293,10 +306,13 @@ def gradnorm_run(spec: Spec, mode: str, views: bool = False, probe: ProbeFn | No
         routes.append(gn.last_stats.get("route"))
         flagged = gn.last_stats.get("uncut")
         uncut.append(None if flagged is None else flagged.detach().to("cpu").clone())
+        if task_cosines:
+            cosines.append(gn.last_stats["cosines"].detach().to("cpu", F64).clone())
     present = torch.tensor([spec.present(s) for s in range(STEPS)])
     run = Run(torch.stack(out_w), torch.stack(out_n), present, routes,
-              [p.detach().to("cpu").clone() for p in model.parameters()], uncut)
-    return run, (torch.stack(probed).view(STEPS, k, t) if probe is not None else None)
+              [p.detach().to("cpu").clone() for p in model.parameters()], uncut,
+              torch.stack(cosines) if task_cosines else None)
+    return run, (torch.stack(probed).view(STEPS, k, *probed[0].shape) if probe is not None else None)
 
 
 _CACHE: dict[tuple[Spec, str], Run | BaseException] = {}
@@ -471,10 +487,10 @@ def _clone_output(out: Any) -> Any:
     return out
 
 
-def output_gradient_norms(model: ZooModel, batch: Any) -> Tensor:
-    """Per task: the norm of ``dL_i/d(output)`` over all tensor outputs of the shared modules,
-    on a copy of the model whose shared modules hand a copy of their output downstream (and
-    that checkpoints nothing: a recompute would call them again); 0 for an absent task."""
+def output_gradients(model: ZooModel, batch: Any) -> Tensor:
+    """``(T, D)``: per task, ``dL_i/d(output)`` over all tensor outputs of the shared modules,
+    flattened, on a copy of the model whose shared modules hand a copy of their output downstream
+    (and that checkpoints nothing: a recompute would call them again); zeros for an absent task."""
     probe = copy.deepcopy(model)  # the balancer's hook is not copied
     probe.spec = probe.spec.with_(checkpoint="none")
     captured: list[Any] = []
@@ -492,15 +508,26 @@ def output_gradient_norms(model: ZooModel, batch: Any) -> Tensor:
             handle.remove()
     assert len(captured) == len(modules), "one call of each shared module per forward"
     outputs = [t for out in captured for t in output_tensors(out) if t.requires_grad]
-    norms = torch.zeros(len(losses), dtype=F64)
+    rows = torch.zeros(len(losses), sum(o.numel() for o in outputs), dtype=F64)
     for i, loss in enumerate(losses):
         if loss is None or not torch.isfinite(loss):
             continue
         grads = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
-        norms[i] = torch.cat([
+        rows[i] = torch.cat([
             (torch.zeros(o.numel(), dtype=F64) if g is None else g.reshape(-1)) for g, o in zip(grads, outputs)
-        ]).norm()
-    return norms
+        ])
+    return rows
+
+
+def output_gradient_norms(model: ZooModel, batch: Any) -> Tensor:
+    """Per task: the norm of :func:`output_gradients` (0 for an absent task)."""
+    return output_gradients(model, batch).norm(dim=1)
+
+
+def output_gradient_gram(model: ZooModel, batch: Any) -> Tensor:
+    """The ``(T, T)`` Gram of :func:`output_gradients` (the representation's cosines come from it)."""
+    rows = output_gradients(model, batch)
+    return rows @ rows.T
 
 
 @pytest.mark.parametrize("spec", REP_SPECS, ids=_ids)

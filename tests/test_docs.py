@@ -37,6 +37,7 @@ import itertools
 import os
 import re
 import shlex
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -151,7 +152,11 @@ def _load_script(path: Path) -> Any:
     spec = importlib.util.spec_from_file_location(f"_doc_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # (a dataclass of the script looks its module up there)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
     return module
 
 

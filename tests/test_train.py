@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from gradnorm_lightning.experiments import train as train_module
 from gradnorm_lightning.experiments.train import train
-from tests.conftest import EXPERIMENTS, ComposeFn
+from tests.conftest import DIST_ENV, EXPERIMENTS, ComposeFn
 
 
 def _assert_finite_tasks(summary: dict[str, object], expected_tasks: int) -> None:
@@ -116,7 +116,8 @@ _SMALL_TOY = (
 
 def _run_module(overrides: tuple[str, ...] | list[str], cwd: Path) -> None:
     """``python -m gradnorm_lightning.experiments.train *overrides`` in ``cwd``; asserts it succeeded."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # (a fresh launch: a port of its own)
+    env["PYTHONWARNINGS"] = "ignore"
     env.pop("GRADNORM_LOG_DIR", None)
     proc = subprocess.run(
         [sys.executable, "-m", "gradnorm_lightning.experiments.train", *overrides],

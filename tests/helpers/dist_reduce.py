@@ -248,13 +248,13 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, cases: list[Ca
                 finally:
                     undo()
                 results[(case.name, force, collective, cosines, dtype_name)] = {
-                    "norms": out.norms, "cosines": out.cosines, "loss_weight": out.loss_weight, "calls": calls,
+                    "norms": out.norms, "cosines": out.cosines, "present": out.present, "losses": out.losses, "calls": calls,
                 }
             for cosines in (True, False):  # distributed="approx"
                 acc = fill(case, rank, torch.float64, cosines)
                 out = reduce_statistics(acc, "approx", layout=layout())
                 results[(case.name, "approx", None, cosines, "float64")] = {
-                    "norms": out.norms, "cosines": out.cosines, "loss_weight": out.loss_weight, "calls": [],
+                    "norms": out.norms, "cosines": out.cosines, "present": out.present, "losses": out.losses, "calls": [],
                 }
         torch.save(results, Path(out_dir) / f"reduce_rank{rank}.pt")
         _exchange.BACKEND = None
