@@ -49,6 +49,21 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def restore_globals() -> Iterator[None]:
+    """Undo what examples and docs' code set: the thread count and Lightning's seed variable."""
+    import os
+
+    threads = torch.get_num_threads()
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    yield
+    torch.set_num_threads(threads)
+    if seed is None:
+        os.environ.pop("PL_GLOBAL_SEED", None)
+    else:
+        os.environ["PL_GLOBAL_SEED"] = seed
+
+
 #: What a distributed launch leaves in the environment (Lightning's ``ddp_spawn`` sets them in the
 #: parent process).
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE",

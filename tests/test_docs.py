@@ -89,19 +89,12 @@ def _ids(pages: list[Path]) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_globals: None) -> Iterator[None]:
     """Each page runs in its own folder, seeded, with the thread count and seed env restored."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GRADNORM_LOG_DIR", str(tmp_path / "logs"))
-    threads = torch.get_num_threads()
-    seed = os.environ.get("PL_GLOBAL_SEED")
     torch.manual_seed(0)
     yield
-    torch.set_num_threads(threads)
-    if seed is None:
-        os.environ.pop("PL_GLOBAL_SEED", None)
-    else:
-        os.environ["PL_GLOBAL_SEED"] = seed
     GlobalHydra.instance().clear()
 
 

@@ -15,7 +15,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -39,17 +38,7 @@ def _load(path: Path) -> ModuleType:
     return module
 
 
-@pytest.fixture(autouse=True)
-def _restore_globals() -> Iterator[None]:
-    """The examples set the thread count and Lightning's seed variable: undo it afterwards."""
-    threads = torch.get_num_threads()
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    yield
-    torch.set_num_threads(threads)
-    if seed is None:
-        os.environ.pop("PL_GLOBAL_SEED", None)
-    else:
-        os.environ["PL_GLOBAL_SEED"] = seed
+pytestmark = pytest.mark.usefixtures("restore_globals")  # (the examples set the thread count and seed variable)
 
 
 def _check_weights(weights: dict[str, float], names: tuple[str, ...]) -> None:

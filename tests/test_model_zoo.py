@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -372,6 +372,20 @@ def test_reference_runs_are_meaningful(spec: Spec) -> None:
     torch.testing.assert_close(run.weights.sum(1), torch.full((STEPS,), float(spec.num_tasks), dtype=F64))
 
 
+def _textbook_weights(model: Any, ref: TextbookGradNorm, steps: Iterable[tuple[Any, list[bool]]]) -> Tensor:
+    """The textbook's weights after each step, training ``model`` by SGD on ``(batch, present)`` pairs."""
+    opt = torch.optim.SGD(model.parameters(), lr=MODEL_LR)
+    weights = []
+    for batch, present in steps:
+        losses = model.task_losses(batch)
+        opt.zero_grad()
+        ref.model_loss(losses, present).backward(retain_graph=True)
+        ref.update(losses, present)
+        opt.step()
+        weights.append(ref.w.detach().clone())
+    return torch.stack(weights)
+
+
 @pytest.mark.parametrize(
     "spec",
     [Spec(), Spec("gru"), Spec("lstm", read="parts"), Spec("conv2d", absent="nan"), Spec("experts", read="slice"),
@@ -385,17 +399,8 @@ def test_reference_matches_the_create_graph_textbook(spec: Spec) -> None:
     want = reference_run(spec)
     model = build(spec)[0]
     ref = TextbookGradNorm(list(model.shared.parameters()), spec.num_tasks, alpha=1.5, lr=0.05)
-    opt = torch.optim.SGD(model.parameters(), lr=MODEL_LR)
-    weights = []
-    for batch in batches(spec):
-        losses = model.task_losses(batch)
-        present = spec.present(batch.step)
-        opt.zero_grad()
-        ref.model_loss(losses, present).backward(retain_graph=True)  # type: ignore[arg-type]
-        ref.update(losses, present)  # type: ignore[arg-type]
-        opt.step()
-        weights.append(ref.w.detach().clone())
-    torch.testing.assert_close(torch.stack(weights), want.weights, rtol=0, atol=1e-12)
+    weights = _textbook_weights(model, ref, ((b, spec.present(b.step)) for b in batches(spec)))
+    torch.testing.assert_close(weights, want.weights, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -411,19 +416,10 @@ def test_accumulated_reference_equals_the_textbook_on_the_joined_micro_batches(s
     want = reference_run(spec)
     model = build(spec)[0]
     ref = TextbookGradNorm(list(model.shared.parameters()), spec.num_tasks, alpha=1.5, lr=0.05)
-    opt = torch.optim.SGD(model.parameters(), lr=MODEL_LR)
-    weights = []
-    for step, micro in enumerate(zoo.step_batches(spec)):
-        joined = zoo.Batch(step, torch.cat([b.x for b in micro]), torch.cat([b.y for b in micro]),
-                           torch.cat([b.mask for b in micro]))
-        losses = model.task_losses(joined)
-        present = [True] * spec.num_tasks
-        opt.zero_grad()
-        ref.model_loss(losses, present).backward(retain_graph=True)  # type: ignore[arg-type]
-        ref.update(losses, present)  # type: ignore[arg-type]
-        opt.step()
-        weights.append(ref.w.detach().clone())
-    torch.testing.assert_close(torch.stack(weights), want.weights, rtol=0, atol=1e-12)
+    joined = (zoo.Batch(step, torch.cat([b.x for b in micro]), torch.cat([b.y for b in micro]),
+                        torch.cat([b.mask for b in micro])) for step, micro in enumerate(zoo.step_batches(spec)))
+    weights = _textbook_weights(model, ref, ((b, [True] * spec.num_tasks) for b in joined))
+    torch.testing.assert_close(weights, want.weights, rtol=0, atol=1e-12)
     assert (want.weights[-1] - 1).abs().max() > MOVED
 
 

@@ -115,20 +115,7 @@ class Case:
 
 def reference(case: Case, world: int) -> tuple[Tensor, Tensor]:
     """Float64 norms and cosines of the average over ranks of every rank's per-task gradients."""
-    lay = layout()
-    offsets, at = [], 0
-    for _, _, numel, _ in lay:
-        offsets.append(at)
-        at += numel
-    total = torch.zeros(T, at, dtype=F64)
-    for rank in range(world):
-        for k, parts in enumerate(case.passes[rank]):
-            for i, part in enumerate(parts):
-                data = _data(case.seed(rank, k, i), part, case.scale)
-                dense = _dense_of(part, data) * torch.tensor(part.present, dtype=F64)[:, None]
-                start = offsets[_params_of(part.module, part.kind)[0]]
-                total[:, start : start + dense.shape[1]] += dense
-    total /= world
+    total = torch.stack([local_reference(case, rank) for rank in range(world)]).sum(0) / world
     norms = total.norm(dim=1)
     gram = total @ total.T
     return norms, gram / norms[:, None] / norms[None, :]
