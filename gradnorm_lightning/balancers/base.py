@@ -425,13 +425,14 @@ class Balancer(TaskState):
             for loss in items
         ])
         present = torch.isfinite(values)
-        if len(live) == len(items) and _arrays.host_reads_free(values.device) \
-                and all(math.isfinite(v) for v in values.tolist()):
+        host = values.tolist() if _arrays.host_reads_free(values.device) else None  # (read once, here)
+        if len(live) == len(items) and host is not None and all(math.isfinite(v) for v in host):
             safe = values  # (where reading is free: no masking op, and none in the backward)
         else:
             safe = torch.where(present, values, 0.0)
         combined = torch.dot(weights if weights.dtype == safe.dtype else weights.to(safe.dtype), safe)
-        self.recorder.record(items, values.detach(), present, weights, combined, self.task_names, extra=extra)
+        self.recorder.record(items, values.detach(), present, weights, combined, self.task_names, extra=extra,
+                             host_values=host)
         return combined if extra is None else combined + extra.reshape(())
 
     def _warn_float16(self, items: Sequence[Tensor | None]) -> None:

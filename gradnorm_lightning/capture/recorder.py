@@ -270,6 +270,7 @@ class Recorder:
         combined: Tensor,
         names: Sequence[str],
         extra: Tensor | None = None,
+        host_values: Sequence[float] | None = None,
     ) -> None:
         """Record one combined loss ``sum_i weights_i losses_i`` for its backward.
 
@@ -282,6 +283,8 @@ class Recorder:
             names: task names, for messages.
             extra: a loss term outside the balancing that is added to ``combined`` before the
                 backward: its graph is taken into account so that the norms stay exact.
+            host_values: ``values`` already read on the host, where reading them is free (not
+                read again); ``None``: read them here if free.
 
         Raises:
             ValueError: when the shared layer was not called in this forward, has no trainable
@@ -299,7 +302,7 @@ class Recorder:
             if not capture.started:
                 capture.remove_hooks()
         self._captures = [c for c in self._captures if c.started and (not c.finished or c.has_hooks)]
-        cut, host_absent = self._cuts(losses, values, present)
+        cut, host_absent = self._cuts(losses, values, present, host_values)
         views = (link.edge, link.node) if link is not None else None
         plan = self._planner.plan(losses, calls, views, names, measure=self.measuring, cut=bool(cut),
                                   nograd_calls=nograd, extra=extra)
@@ -319,15 +322,16 @@ class Recorder:
         self._announce(plan)
 
     @staticmethod
-    def _cuts(losses: Sequence[Tensor | None], values: Tensor,
-              present: Tensor) -> tuple[dict[int, Tensor | None], list[bool] | None]:
+    def _cuts(losses: Sequence[Tensor | None], values: Tensor, present: Tensor,
+              host_values: Sequence[float] | None) -> tuple[dict[int, Tensor | None], list[bool] | None]:
         """Which tasks' gradients to cut off, and how (see :class:`StepCapture`): on the host,
         where reading the values is free, only the tasks known to be absent with a graph (by
         zeros); elsewhere every task with a graph, by ``where(present_i, g, 0)`` on the device."""
         if _arrays.host_reads_free(values.device):
-            absent = [not math.isfinite(v) for v in values.tolist()]
+            absent = [not math.isfinite(v) for v in (values.tolist() if host_values is None else host_values)]
             return {t: None for t, (a, loss) in enumerate(zip(absent, losses)) if a and loss is not None}, absent
-        return {t: present[t] for t, loss in enumerate(losses) if loss is not None}, None
+        rows = present.unbind()  # (one operation for every task's flag)
+        return {t: rows[t] for t, loss in enumerate(losses) if loss is not None}, None
 
     def record_empty(self, values: Tensor, weights: Tensor) -> None:
         """Record a step in which no task has a loss (nothing to back-propagate)."""
