@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.methods import Method, gradnorm_settings
+from benchmarks.methods import Method, PlainSum, gradnorm_settings
 from benchmarks.workloads import Batch, Workload
 
 THROUGHPUT_WORKLOADS = ("resnet", "transformer")
@@ -169,20 +169,6 @@ def _workload(s: Size) -> Workload:
     return Workload(s.name, num_tasks=s.num_tasks, batch=s.batch, model_lr=1e-3)
 
 
-class Plain(Method):
-    """The plain summed-loss step."""
-
-    name = "plain sum (no balancing)"
-    reference = None
-
-    def step(self, batch: Batch) -> None:
-        """One step."""
-        x, ys = batch
-        self.opt.zero_grad(set_to_none=True)
-        torch.stack(self.model.task_losses(self.model(x), ys)).sum().backward()
-        self.opt.step()
-
-
 class Balanced(Method):
     """``gradnorm_lightning.GradNorm`` through the public API (``combine``, ``backward``, ``step``)."""
 
@@ -206,7 +192,7 @@ class Balanced(Method):
 def rows(s: Size, device: torch.device | str = "cpu") -> list[Method]:
     """The throughput rows of one workload: the plain step and GradNorm's."""
     wl = _workload(s)
-    return [Plain(wl, build(s, device)), Balanced(wl, build(s, device))]  # type: ignore[arg-type]
+    return [PlainSum(wl, build(s, device)), Balanced(wl, build(s, device))]  # type: ignore[arg-type]
 
 
 def time_throughput(methods: Sequence[Method], data: Sequence[Batch], steps: int, rounds: int,
