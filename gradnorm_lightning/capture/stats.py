@@ -426,11 +426,6 @@ class Accumulator:
         self.rep = gram if self.rep is None else Gram.total([self.rep, gram])
 
     @property
-    def rep_norms(self) -> Tensor | None:
-        """``mode="representation"``: the norms at the layer's output (``None`` when not recorded)."""
-        return None if self.rep is None else self.rep.norms()
-
-    @property
     def measured(self) -> bool:
         """Whether any per-task gradient statistics were recorded."""
         return bool(self._pieces) or self.rep is not None
